@@ -1,0 +1,3 @@
+from routertune.cli import main
+
+main()

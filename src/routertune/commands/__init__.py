@@ -1,0 +1,1 @@
+"""CLI verbs. Each module defines ``register(app: typer.Typer)``."""
