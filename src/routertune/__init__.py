@@ -1,6 +1,6 @@
 """routertune: Router-Tuning / MindSkip dynamic depth for Hugging Face decoder-only LLMs.
 
-    from routertune import RouterConfig, attach_routers, save_routers, load_routers
+from routertune import RouterConfig, attach_routers, save_routers, load_routers
 """
 
 from __future__ import annotations

@@ -1,0 +1,37 @@
+"""Generation helpers: KV-cache accounting and token streaming.
+
+Routing needs nothing special from ``generate()``: sequence routes are decided at prefill and
+stored on the request's cache (see :mod:`routertune.layers`), so every generation strategy that
+builds a fresh cache per call (greedy, sampling, beam search) gets consistent routes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def kv_cache_bytes(cache: Any) -> int:
+    """Bytes held by the key/value tensors of a transformers Cache (0 for None).
+
+    Layers that never wrote (attention skipped by the whole batch) hold nothing.
+    """
+    if cache is None:
+        return 0
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def kv_cache_layer_lengths(cache: Any) -> list[int]:
+    """Cached sequence length per layer (0 where the layer stored nothing)."""
+    out = []
+    for layer in getattr(cache, "layers", []):
+        keys = getattr(layer, "keys", None)
+        out.append(int(keys.shape[-2]) if isinstance(keys, torch.Tensor) and keys.numel() else 0)
+    return out

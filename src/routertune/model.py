@@ -1,0 +1,414 @@
+"""Attach, save and load routers; observe what they decide.
+
+Routers are an adapter: ``attach_routers`` changes a model in place (PEFT-like) and
+``save_routers`` writes only the routers: ``router_config.json`` + ``routers.safetensors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from routertune.arch import (
+    UnsupportedArchitectureError,
+    arch_spec,
+    base_model,
+    decoder_layers,
+    mask_anchor_layers,
+)
+from routertune.config import RouterConfig, RouterConfigError
+from routertune.io_utils import atomic_path, atomic_write_text
+from routertune.layers import TOKEN_MASK_KWARG, LayerRouting, routed_class
+from routertune.router import Router
+
+CONFIG_NAME = "router_config.json"
+WEIGHTS_NAME = "routers.safetensors"
+_CONFIG_ATTR = "routertune_config"
+_HOOK_ATTR = "_routertune_mask_hook"
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "RouterLoadError",
+    "UnsupportedArchitectureError",
+    "attach_routers",
+    "capacity_regularizer",
+    "detach_routers",
+    "get_router_config",
+    "load_routers",
+    "routed_layers",
+    "router_parameters",
+    "router_probabilities",
+    "save_routers",
+    "set_thresholds",
+    "track_capacity",
+]
+
+
+class RouterLoadError(ValueError):
+    """Saved routers are missing, corrupt, or do not match the model."""
+
+
+# --------------------------------------------------------------------------------------------
+# attach / detach
+# --------------------------------------------------------------------------------------------
+def attach_routers(model: nn.Module, config: RouterConfig | None = None) -> nn.Module:
+    """Adds zero-initialised routers to ``model`` in place and returns it.
+
+    Every decoder layer's class is swapped for a routed subclass; layers chosen by ``config``
+    get a router. Nothing is frozen here (training code freezes by structure, see
+    :func:`router_parameters`).
+
+    Raises:
+        UnsupportedArchitectureError: decoder layers without the pre-norm attention/MLP parts.
+        RouterConfigError: the config asks for layers the model cannot route.
+    """
+    config = config or RouterConfig()
+    if get_router_config(model) is not None:
+        raise RouterConfigError("this model already has routers; call detach_routers(model) first")
+    spec = arch_spec(model)
+    layers = decoder_layers(model)
+    num_layers = len(layers)
+    indices = config.routed_layer_indices(num_layers)
+    if config.target in ("attn", "block"):
+        anchors = mask_anchor_layers(model)
+        clash = sorted(set(indices) & anchors)
+        if clash and config.layers is not None:
+            raise RouterConfigError(
+                f"layers {clash} size the attention masks of the KV cache and must always run attention; "
+                "they cannot be routed"
+            )
+        indices = [i for i in indices if i not in anchors]
+    if not indices:
+        raise RouterConfigError(f"no layer to route in a model with {num_layers} layers (config: {config})")
+    hidden = model.config.hidden_size
+    for idx, layer in enumerate(layers):
+        layer.__class__ = routed_class(type(layer))
+        if idx in indices:
+            device = next(layer.parameters()).device
+            layer.router = Router(hidden, config.threshold_for(idx)).to(device)
+            layer.routing = LayerRouting(idx, config.target, config.unit, spec)
+        else:
+            layer.router = None
+            layer.routing = None
+    setattr(model, _CONFIG_ATTR, config)
+    handle = base_model(model).register_forward_pre_hook(_pass_token_mask, with_kwargs=True)
+    setattr(model, _HOOK_ATTR, handle)
+    return model
+
+
+def detach_routers(model: nn.Module) -> nn.Module:
+    """Removes routers and restores the original decoder layer classes (in place)."""
+    if get_router_config(model) is None:
+        return model
+    for layer in decoder_layers(model):
+        base = getattr(type(layer), "_routertune_base", None)
+        if base is not None:
+            del layer.router
+            del layer.routing
+            layer.__class__ = base
+    getattr(model, _HOOK_ATTR).remove()
+    delattr(model, _HOOK_ATTR)
+    delattr(model, _CONFIG_ATTR)
+    return model
+
+
+def _pass_token_mask(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forwards the 2-D padding mask to every decoder layer (sequence means skip padding).
+
+    It travels as a keyword argument, not as module state, so gradient checkpointing's
+    recomputation sees it too and concurrent requests cannot see each other's.
+    """
+    mask = kwargs.get("attention_mask")
+    if mask is None and len(args) > 1:
+        mask = args[1]
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        kwargs[TOKEN_MASK_KWARG] = mask
+    return args, kwargs
+
+
+# --------------------------------------------------------------------------------------------
+# queries
+# --------------------------------------------------------------------------------------------
+def get_router_config(model: nn.Module) -> RouterConfig | None:
+    return getattr(model, _CONFIG_ATTR, None)
+
+
+def routed_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """Layer index -> decoder layer, for layers that carry a router."""
+    if get_router_config(model) is None:
+        return {}
+    return {
+        i: layer
+        for i, layer in enumerate(decoder_layers(model))
+        if getattr(layer, "router", None) is not None
+    }
+
+
+def router_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Exactly the router weights, found by structure (the Router modules), in layer order."""
+    return [p for layer in routed_layers(model).values() for p in layer.router.parameters()]
+
+
+def set_thresholds(model: nn.Module, thresholds: float | dict[int, float]) -> None:
+    """Sets keep thresholds (all routed layers, or per layer) and records them in the config."""
+    config = _require_config(model)
+    layers = routed_layers(model)
+    if isinstance(thresholds, dict):
+        unknown = sorted(set(thresholds) - set(layers))
+        if unknown:
+            raise RouterConfigError(f"layers {unknown} have no router (routed layers: {sorted(layers)})")
+        merged = dict(config.layer_thresholds or {})
+        merged.update({int(k): float(v) for k, v in thresholds.items()})
+    else:
+        merged = {i: float(thresholds) for i in layers}
+    checked = RouterConfig.from_dict({**config.to_dict(), "layer_thresholds": merged})
+    config.layer_thresholds = checked.layer_thresholds
+    for idx, layer in layers.items():
+        layer.router.threshold = config.threshold_for(idx)
+
+
+def _require_config(model: nn.Module) -> RouterConfig:
+    config = get_router_config(model)
+    if config is None:
+        raise RouterConfigError("this model has no routers; call attach_routers or load_routers first")
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# training signal
+# --------------------------------------------------------------------------------------------
+def capacity_regularizer(model: nn.Module) -> torch.Tensor | None:
+    """``gradient_scale * sum_l relu(capacity_l - target_capacity)`` of the latest training forward.
+
+    capacity_l is the straight-through share of units kept by layer l (forward value: the hard
+    share), so the gradient reaches the router scores. None when not configured.
+    """
+    config = get_router_config(model)
+    if config is None or config.gradient_scale == 0 or config.target_capacity is None:
+        return None
+    caps = [
+        layer.routing.last_capacity
+        for layer in routed_layers(model).values()
+        if layer.routing.last_capacity is not None
+    ]
+    if not caps:
+        return None
+    excess = torch.relu(torch.stack(caps) - config.target_capacity)
+    return config.gradient_scale * excess.sum()
+
+
+# --------------------------------------------------------------------------------------------
+# observers
+# --------------------------------------------------------------------------------------------
+class CapacityStats:
+    """Share of routed units kept, per layer and overall, over the forwards it observed.
+
+    Units are sequences (``*_sequence``; counted once per request, at prefill) or non-padding
+    tokens (``*_token``). Counts stay on the device until read.
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[int, torch.Tensor] = {}
+        self._total: dict[int, torch.Tensor] = {}
+
+    def observe(self, layer_idx: int, keep: torch.Tensor, scores: Any, valid: torch.Tensor | None) -> None:
+        keep = keep.detach()
+        if valid is not None:
+            kept, total = (keep & valid).sum(), valid.sum()
+        else:
+            kept, total = keep.sum(), torch.tensor(keep.numel(), device=keep.device)
+        self._kept[layer_idx] = self._kept.get(layer_idx, 0) + kept
+        self._total[layer_idx] = self._total.get(layer_idx, 0) + total
+
+    @property
+    def counts(self) -> dict[int, tuple[int, int]]:
+        return {i: (int(self._kept[i]), int(self._total[i])) for i in sorted(self._kept)}
+
+    @property
+    def per_layer(self) -> dict[int, float]:
+        return {i: (k / t if t else float("nan")) for i, (k, t) in self.counts.items()}
+
+    @property
+    def overall(self) -> float:
+        counts = self.counts.values()
+        total = sum(t for _, t in counts)
+        return sum(k for k, _ in counts) / total if total else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "overall": _json_float(self.overall),
+            "per_layer": {str(i): _json_float(v) for i, v in self.per_layer.items()},
+            "counts": {str(i): {"kept": k, "total": t} for i, (k, t) in self.counts.items()},
+        }
+
+
+class ScoreRecorder:
+    """Router scores per layer (CPU float32), for calibrating thresholds."""
+
+    def __init__(self) -> None:
+        self.scores: dict[int, list[torch.Tensor]] = {}
+
+    def observe(self, layer_idx: int, keep: torch.Tensor, scores: Any, valid: torch.Tensor | None) -> None:
+        if scores is None:
+            return
+        s = scores.detach()
+        if valid is not None:
+            s = s[valid]
+        self.scores.setdefault(layer_idx, []).append(s.float().reshape(-1).cpu())
+
+    def per_layer(self) -> dict[int, torch.Tensor]:
+        return {i: torch.cat(v) for i, v in sorted(self.scores.items())}
+
+
+@contextlib.contextmanager
+def _observing(model: nn.Module, observer: Any) -> Iterator[Any]:
+    layers = routed_layers(model)
+    if not layers:
+        raise RouterConfigError("this model has no routers to observe")
+    for layer in layers.values():
+        layer.routing.observers.append(observer)
+    try:
+        yield observer
+    finally:
+        for layer in layers.values():
+            layer.routing.observers.remove(observer)
+
+
+def track_capacity(model: nn.Module) -> contextlib.AbstractContextManager[CapacityStats]:
+    """``with track_capacity(model) as stats:`` counts what the routers keep during the block."""
+    return _observing(model, CapacityStats())
+
+
+def router_probabilities(model: nn.Module) -> contextlib.AbstractContextManager[ScoreRecorder]:
+    """``with router_probabilities(model) as rec:`` records router scores (``rec.per_layer()``).
+
+    Scores are recorded for every routed decision, including thresholds that fix the decision.
+    """
+    return _observing(model, ScoreRecorder())
+
+
+def _json_float(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+# --------------------------------------------------------------------------------------------
+# save / load
+# --------------------------------------------------------------------------------------------
+def save_routers(model: nn.Module, path: str | Path) -> Path:
+    """Writes ``router_config.json`` and ``routers.safetensors`` (routers only) into ``path``.
+
+    Each file is written to a temporary name and renamed, so a crash leaves either the old file
+    or the new one.
+    """
+    from safetensors.torch import save_file
+
+    from routertune import __version__
+
+    config = _require_config(model)
+    layers = routed_layers(model)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        f"layers.{i}.weight": layer.router.proj.weight.detach().float().cpu().contiguous()
+        for i, layer in layers.items()
+    }
+    meta = {
+        "routertune_version": __version__,
+        "router_config": config.to_dict(),
+        "routed_layers": sorted(layers),
+        "base_model": getattr(model.config, "_name_or_path", None) or None,
+        "model_type": getattr(model.config, "model_type", None),
+        "hidden_size": model.config.hidden_size,
+        "num_hidden_layers": len(decoder_layers(model)),
+    }
+    with atomic_path(path / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "routertune_version": __version__})
+    atomic_write_text(path / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_router_files(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Reads and checks a saved router folder without touching any model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not path.is_dir():
+        raise RouterLoadError(f"router folder {path} does not exist")
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise RouterLoadError(f"{f} is missing (a router folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        meta = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise RouterLoadError(f"{config_file} is not valid JSON: {exc}") from exc
+    missing = [
+        k for k in ("router_config", "hidden_size", "num_hidden_layers", "routed_layers") if k not in meta
+    ]
+    if missing:
+        raise RouterLoadError(f"{config_file} lacks {', '.join(missing)}")
+    try:
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise RouterLoadError(f"{weights_file} is corrupt or unreadable: {exc}") from exc
+    return meta, tensors
+
+
+def load_routers(model: nn.Module, path: str | Path) -> nn.Module:
+    """Attaches (if needed) and loads saved routers into ``model``; returns it.
+
+    Raises:
+        RouterLoadError: missing or corrupt files, or routers saved for another model shape
+            (hidden size, layer count) or another granularity than the model's routers.
+    """
+    meta, tensors = read_router_files(path)
+    hidden, num_layers = model.config.hidden_size, len(decoder_layers(model))
+    if meta["hidden_size"] != hidden or meta["num_hidden_layers"] != num_layers:
+        raise RouterLoadError(
+            f"routers in {path} were saved for a model with hidden_size={meta['hidden_size']} and "
+            f"{meta['num_hidden_layers']} layers (base model {meta.get('base_model')!r}); this model has "
+            f"hidden_size={hidden} and {num_layers} layers"
+        )
+    try:
+        config = RouterConfig.from_dict(meta["router_config"])
+    except (RouterConfigError, TypeError) as exc:
+        raise RouterLoadError(f"{Path(path) / CONFIG_NAME}: invalid router_config: {exc}") from exc
+    # The saved layer list is authoritative (it already excludes mask-anchor layers).
+    config.layers = [int(i) for i in meta["routed_layers"]]
+    current = get_router_config(model)
+    if current is None:
+        attach_routers(model, config)
+    elif current.granularity != config.granularity:
+        raise RouterLoadError(
+            f"routers in {path} use granularity {config.granularity}, the model's routers use {current.granularity}"
+        )
+    layers = routed_layers(model)
+    expected = {f"layers.{i}.weight" for i in layers}
+    if set(tensors) != expected:
+        raise RouterLoadError(
+            f"routers in {path} cover layers {sorted(tensors)}; the model routes {sorted(expected)}"
+        )
+    for i, layer in layers.items():
+        weight = tensors[f"layers.{i}.weight"]
+        if tuple(weight.shape) != (1, hidden):
+            raise RouterLoadError(
+                f"router of layer {i} in {path} has shape {tuple(weight.shape)}, expected (1, {hidden})"
+            )
+        if not torch.isfinite(weight).all():
+            raise RouterLoadError(f"router of layer {i} in {path} has non-finite weights")
+        with torch.no_grad():
+            layer.router.proj.weight.copy_(weight.to(layer.router.proj.weight))
+        layer.router.threshold = config.threshold_for(i)
+    if current is not None:
+        current.threshold = config.threshold
+        current.layer_thresholds = config.layer_thresholds
+    return model

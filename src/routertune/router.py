@@ -1,0 +1,73 @@
+"""The router: one ``Linear(hidden_size, 1, bias=False)`` and its keep/skip decision.
+
+A router scores the input-layernormed hidden state of its decoder layer: the mean over the
+non-padding tokens of each sequence (``*_sequence``) or each token (``*_token``). A unit is
+kept iff ``sigmoid(logit) - threshold >= 0``. Weights start at zero, so every score starts at
+0.5 and, at the default threshold 0.5, every layer starts fully on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Router(nn.Module):
+    """Scores hidden states; higher means "compute this unit".
+
+    Args:
+        hidden_size: width of the decoder's hidden state.
+        threshold: keep iff ``sigmoid(logit) - threshold >= 0``.
+    """
+
+    def __init__(self, hidden_size: int, threshold: float = 0.5) -> None:
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, 1, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        self.threshold = float(threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Router scores in (0, 1), computed in float32 for stable decisions.
+
+        Args:
+            x: ``(..., hidden)`` normalised hidden states.
+
+        Returns:
+            ``(...)`` sigmoid scores.
+        """
+        logits = nn.functional.linear(x.float(), self.proj.weight.float())
+        return torch.sigmoid(logits.squeeze(-1))
+
+    def keep(self, scores: torch.Tensor) -> torch.Tensor:
+        """Hard decision: ``(...)`` bool, True where the unit is computed."""
+        return (scores - self.threshold) >= 0
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold}"
+
+
+def straight_through_gate(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The seed's straight-through estimator: forward value is the hard 0/1 decision,
+    backward passes the gradient to the score unchanged.
+
+    ``hard + scores - scores.detach()`` is exactly ``hard`` in the forward pass.
+    """
+    hard = keep.to(scores.dtype)
+    return hard + scores - scores.detach()
+
+
+def masked_sequence_mean(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``x`` over the non-padding tokens of each sequence.
+
+    Args:
+        x: ``(B, T, C)``.
+        token_mask: ``(B, T)`` 1 for real tokens, 0 for padding; None means all real.
+
+    Returns:
+        ``(B, C)`` float32.
+    """
+    x = x.float()
+    if token_mask is None:
+        return x.mean(dim=1)
+    m = token_mask.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)

@@ -1,0 +1,135 @@
+"""generate() with routers: routes decided at prefill, consistent KV cache, real savings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from routertune import GRANULARITIES, RouterConfig, attach_routers
+from routertune.generation import kv_cache_bytes, kv_cache_layer_lengths
+from routertune.layers import ROUTES_ATTR
+from routertune.model import routed_layers, set_thresholds
+
+from helpers import VOCAB, left_padded_batch, randomize_routers, tiny_model, without_sublayers
+
+
+def fixed_routes(model, skip_layers):
+    """Thresholds that fix every decision: skip ``skip_layers``, keep the other routed layers."""
+    set_thresholds(model, {i: (1.5 if i in skip_layers else 0.0) for i in routed_layers(model)})
+
+
+def greedy(model, ids, mask=None, n=6, **kw):
+    out = model.generate(
+        ids,
+        attention_mask=mask if mask is not None else torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_logits=True,
+        **kw,
+    )
+    return out
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_cached_generate_equals_uncached_forward_under_same_routes(arch, granularity):
+    model = tiny_model(arch)
+    attach_routers(model, RouterConfig(granularity=granularity, router_layers=2))
+    if granularity.endswith("token"):
+        randomize_routers(model, seed=11)  # token decisions are causal: same with or without cache
+    else:
+        fixed_routes(model, skip_layers={2})
+    ids = torch.randint(3, VOCAB, (1, 9))
+    out = greedy(model, ids, n=8)
+    seq = out.sequences
+    with torch.no_grad():
+        full = model(seq, use_cache=False).logits  # (1, T, V), no cache at all
+    steps = torch.stack(out.logits, dim=1)  # (1, n, V)
+    torch.testing.assert_close(steps, full[:, ids.shape[1] - 1 : -1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_generate_matches_model_without_skipped_sublayers(arch, granularity):
+    model = tiny_model(arch)
+    cfg = RouterConfig(granularity=granularity, router_layers=2)
+    ref = without_sublayers(model, [2], cfg.target)
+    attach_routers(model, cfg)
+    fixed_routes(model, skip_layers={2})
+    ids, mask, _ = left_padded_batch([9, 6], seed=12)
+    a = greedy(model, ids, mask, n=7).sequences
+    b = greedy(ref, ids, mask, n=7).sequences
+    assert torch.equal(a, b)
+    # sampling with the same seed draws the same tokens
+    torch.manual_seed(0)
+    s1 = model.generate(ids, attention_mask=mask, max_new_tokens=7, do_sample=True, top_k=20, pad_token_id=0)
+    torch.manual_seed(0)
+    s2 = ref.generate(ids, attention_mask=mask, max_new_tokens=7, do_sample=True, top_k=20, pad_token_id=0)
+    assert torch.equal(s1, s2)
+
+
+@pytest.mark.parametrize("granularity", ["attn_sequence", "block_sequence", "attn_token"])
+def test_beam_search_matches_model_without_skipped_sublayers(granularity):
+    model = tiny_model("llama")
+    cfg = RouterConfig(granularity=granularity, router_layers=2)
+    ref = without_sublayers(model, [1], cfg.target)
+    attach_routers(model, cfg)
+    fixed_routes(model, skip_layers={1})
+    ids, mask, _ = left_padded_batch([8, 5], seed=13)
+    kw = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("granularity", ["attn_sequence", "mlp_sequence", "block_sequence"])
+def test_batched_generation_with_mixed_rows_equals_each_alone(arch, granularity):
+    model = tiny_model(arch)
+    attach_routers(model, RouterConfig(granularity=granularity, router_layers=3))
+    randomize_routers(model, seed=14)
+    ids, mask, seqs = left_padded_batch([9, 6, 9, 4], seed=15)
+    batched = greedy(model, ids, mask, n=6)
+    routes = batched.past_key_values.__dict__[ROUTES_ATTR]
+    kept = torch.stack([r.keep for r in routes.values()])
+    assert kept.any() and not kept.all(), "test needs a mix of kept and skipped rows"
+    for b, seq in enumerate(seqs):
+        alone = greedy(model, seq.unsqueeze(0), n=6).sequences[0, len(seq) :]
+        assert torch.equal(batched.sequences[b, ids.shape[1] :], alone)
+
+
+def test_layer_skipped_by_whole_batch_stores_no_kv(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(3, VOCAB, (2, 10))
+    dense = greedy(model, ids, n=5).past_key_values
+    attach_routers(model, RouterConfig(granularity="attn_sequence", router_layers=2))
+    fixed_routes(model, skip_layers={1, 2})
+    routed = greedy(model, ids, n=5).past_key_values
+    lengths = kv_cache_layer_lengths(routed)
+    assert lengths[1] == lengths[2] == 0 and lengths[0] > 0 and lengths[3] > 0
+    assert kv_cache_bytes(routed) * 2 == kv_cache_bytes(dense)
+
+
+def test_routes_are_decided_at_prefill_and_reused():
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(granularity="attn_sequence", router_layers=2))
+    randomize_routers(model, seed=16)
+    calls = []
+    for layer in routed_layers(model).values():
+        layer.router.register_forward_hook(lambda m, a, o: calls.append(a[0].shape))
+    greedy(model, torch.randint(3, VOCAB, (1, 7)), n=6)
+    assert len(calls) == 2  # once per routed layer, at prefill only
+
+
+def test_two_generate_calls_do_not_leak_routes():
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(granularity="attn_sequence", router_layers=3))
+    randomize_routers(model, seed=17)
+    a = torch.randint(3, VOCAB, (1, 8))
+    b = torch.randint(3, VOCAB, (1, 5))
+    b_first = greedy(model, b, n=6).sequences
+    greedy(model, a, n=6)
+    b_again = greedy(model, b, n=6).sequences
+    assert torch.equal(b_first, b_again)
+
+
+def test_kv_cache_bytes_of_none_is_zero():
+    assert kv_cache_bytes(None) == 0

@@ -1,0 +1,265 @@
+"""Routed forward passes: exactness, real skipping, padding, training gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from routertune import GRANULARITIES, RouterConfig, attach_routers, detach_routers
+from routertune.model import (
+    capacity_regularizer,
+    routed_layers,
+    router_parameters,
+    set_thresholds,
+    track_capacity,
+)
+
+from helpers import VOCAB, left_padded_batch, randomize_routers, tiny_model, without_sublayers
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_threshold_zero_is_exactly_the_plain_model(arch, granularity):
+    model = tiny_model(arch)
+    ids = torch.randint(3, VOCAB, (3, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+    attach_routers(model, RouterConfig(granularity=granularity, router_layers=2, threshold=0.0))
+    randomize_routers(model)  # scores no longer 0.5, yet threshold 0 keeps all
+    with torch.no_grad():
+        out = model(ids).logits
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_skip_all_equals_model_without_those_sublayers(arch, granularity):
+    model = tiny_model(arch)
+    cfg = RouterConfig(granularity=granularity, router_layers=2, threshold=1.5)
+    ref = without_sublayers(model, cfg.routed_layer_indices(4), cfg.target)
+    ids = torch.randint(3, VOCAB, (2, 14))
+    attach_routers(model, cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_skipped_units_are_not_computed(granularity):
+    model = tiny_model("llama")
+    cfg = RouterConfig(granularity=granularity, router_layers=2, threshold=1.5)
+    attach_routers(model, cfg)
+    calls = []
+    for i in cfg.routed_layer_indices(4):
+        layer = model.model.layers[i]
+        for part in ("self_attn", "mlp"):
+            getattr(layer, part).register_forward_hook(
+                lambda m, a, o, i=i, part=part: calls.append((i, part))
+            )
+        for proj in ("q_proj", "o_proj"):
+            getattr(layer.self_attn, proj).register_forward_hook(
+                lambda m, a, o, i=i, p=proj: calls.append((i, p))
+            )
+    with torch.no_grad():
+        model(torch.randint(3, VOCAB, (2, 9)))
+    target = cfg.target
+    called_parts = {p for _, p in calls}
+    if target in ("attn", "block"):
+        assert not {"self_attn", "q_proj", "o_proj"} & called_parts
+    if target in ("mlp", "block"):
+        assert "mlp" not in called_parts
+    if target == "attn":
+        assert "mlp" in called_parts
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_mixed_decisions_match_gated_dense_computation(arch, granularity):
+    """Real skipping (eval) == computing everything and applying the hard 0/1 gate (train)."""
+    model = tiny_model(arch)
+    attach_routers(model, RouterConfig(granularity=granularity, router_layers=3))
+    randomize_routers(model, seed=1)
+    ids, mask, _ = left_padded_batch([12, 9, 12, 5], seed=2)
+    with torch.no_grad(), track_capacity(model) as stats:
+        skipped = model(ids, attention_mask=mask).logits
+    overall = stats.overall
+    assert 0.0 < overall < 1.0, f"test needs mixed decisions, got capacity {overall}"
+    model.train()
+    dense = model(ids, attention_mask=mask).logits.detach()
+    valid = mask.bool()
+    torch.testing.assert_close(skipped[valid], dense[valid], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_left_padded_batch_equals_each_sequence_alone(arch, granularity):
+    model = tiny_model(arch)
+    attach_routers(model, RouterConfig(granularity=granularity, router_layers=3))
+    randomize_routers(model, seed=3)
+    ids, mask, seqs = left_padded_batch([11, 7, 11, 4], seed=4)
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask).logits
+        for b, seq in enumerate(seqs):
+            alone = model(seq.unsqueeze(0)).logits[0]
+            torch.testing.assert_close(batched[b, -len(seq) :], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_sequence_route_ignores_padding():
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(granularity="attn_sequence", router_layers=2))
+    randomize_routers(model, seed=5)
+    ids, mask, seqs = left_padded_batch([10, 3], seed=6)
+    recs = []
+    from routertune.model import router_probabilities
+
+    with torch.no_grad(), router_probabilities(model) as rec:
+        model(ids, attention_mask=mask)
+        model(seqs[1].unsqueeze(0))
+    recs = rec.per_layer()
+    for scores in recs.values():
+        # the padded row's score equals the score of the same sequence alone
+        torch.testing.assert_close(scores[1], scores[2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_router_only_gradients_through_straight_through_estimator(arch, granularity):
+    model = tiny_model(arch)
+    attach_routers(model, RouterConfig(granularity=granularity, router_layers=2))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    routers = router_parameters(model)
+    assert len(routers) == 2 and all(p.shape == (1, 64) for p in routers)
+    for p in routers:
+        p.requires_grad_(True)
+    model.train()
+    ids = torch.randint(3, VOCAB, (2, 10))
+    with torch.no_grad():
+        model.eval()
+        ref = model(ids).logits
+        model.train()
+    out = model(ids, labels=ids)
+    # forward value of the gate is exactly the hard decision (all kept at init)
+    torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    for p in routers:
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    router_ids = {id(p) for p in routers}
+    assert all(p.grad is None for p in model.parameters() if id(p) not in router_ids)
+
+
+def test_skipped_unit_still_gets_router_gradient_in_training():
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(granularity="attn_sequence", router_layers=2, threshold=0.6))
+    model.train()
+    out = model(torch.randint(3, VOCAB, (2, 8)), labels=torch.randint(3, VOCAB, (2, 8)))
+    out.loss.backward()
+    for p in router_parameters(model):
+        assert p.grad.abs().sum() > 0
+
+
+def test_capacity_regularizer_pushes_capacity_down():
+    model = tiny_model("llama")
+    cfg = RouterConfig(granularity="attn_token", router_layers=2, target_capacity=0.2, gradient_scale=1.0)
+    attach_routers(model, cfg)
+    model.train()
+    model(torch.randint(3, VOCAB, (2, 8)))
+    reg = capacity_regularizer(model)
+    assert reg is not None
+    assert reg.item() == pytest.approx(2 * (1.0 - 0.2))  # two layers, everything kept at init
+    reg.backward()
+    for p in router_parameters(model):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_capacity_regularizer_off_by_default():
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(router_layers=2))
+    model.train()
+    model(torch.randint(3, VOCAB, (1, 5)))
+    assert capacity_regularizer(model) is None
+
+
+def test_gradient_checkpointing_keeps_router_gradients():
+    ids = torch.randint(3, VOCAB, (2, 10))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model("llama")
+        attach_routers(model, RouterConfig(granularity="attn_sequence", router_layers=2))
+        randomize_routers(model, seed=7, scale=0.05)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in router_parameters(model):
+            p.requires_grad_(True)
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in router_parameters(model)]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_layer_zero_and_last_layer_are_never_routed():
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(router_layers=10))
+    assert sorted(routed_layers(model)) == [1, 2]
+    detach_routers(model)
+    with pytest.raises(ValueError, match="layers must be > 0"):
+        RouterConfig(layers=[0, 2])
+
+
+def test_detach_restores_plain_model():
+    model = tiny_model("qwen2")
+    ids = torch.randint(3, VOCAB, (1, 7))
+    with torch.no_grad():
+        ref = model(ids).logits
+    attach_routers(model, RouterConfig(router_layers=2, threshold=2.0))
+    detach_routers(model)
+    assert all(type(layer).__name__ == "Qwen2DecoderLayer" for layer in model.model.layers)
+    assert not any("router" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+
+
+def test_attach_twice_is_an_error():
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(router_layers=1))
+    with pytest.raises(ValueError, match="already has routers"):
+        attach_routers(model, RouterConfig(router_layers=1))
+
+
+def test_unsupported_architecture_names_the_layer_class():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from routertune import UnsupportedArchitectureError
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedArchitectureError):
+        attach_routers(model, RouterConfig(router_layers=1))
+
+
+def test_generic_layer_with_the_four_parts_is_routed():
+    """A Llama-shaped model of an unknown model_type is handled by the generic path."""
+    model = tiny_model("llama")
+    model.config.model_type = "my_llama_clone"
+    ids = torch.randint(3, VOCAB, (2, 9))
+    ref = without_sublayers(model, [1, 2], "attn")
+    attach_routers(model, RouterConfig(granularity="attn_token", router_layers=2, threshold=1.5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_attention_kept_queries_match_dense():
+    model = tiny_model("llama", attn_implementation="eager")
+    attach_routers(model, RouterConfig(granularity="attn_token", router_layers=2))
+    randomize_routers(model, seed=8)
+    ids, mask, _ = left_padded_batch([10, 6], seed=9)
+    with torch.no_grad():
+        skipped = model(ids, attention_mask=mask).logits
+    model.train()
+    dense = model(ids, attention_mask=mask).logits.detach()
+    torch.testing.assert_close(skipped[mask.bool()], dense[mask.bool()], rtol=1e-4, atol=1e-4)
+
+
+def test_set_thresholds_validates_layers():
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(router_layers=2))
+    set_thresholds(model, {1: 0.7})
+    assert routed_layers(model)[1].router.threshold == 0.7
+    assert routed_layers(model)[2].router.threshold == 0.5
+    with pytest.raises(ValueError, match="have no router"):
+        set_thresholds(model, {3: 0.2})
