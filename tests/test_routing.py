@@ -263,3 +263,16 @@ def test_set_thresholds_validates_layers():
     assert routed_layers(model)[2].router.threshold == 0.5
     with pytest.raises(ValueError, match="have no router"):
         set_thresholds(model, {3: 0.2})
+
+
+def test_all_units_kept_is_the_dense_model_and_restores_thresholds():
+    from routertune.model import all_units_kept
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with torch.no_grad():
+        ref = model(ids).logits
+    attach_routers(model, RouterConfig(router_layers=2, threshold=1.5))
+    with torch.no_grad(), all_units_kept(model):
+        assert torch.equal(model(ids).logits, ref)
+    assert all(layer.router.threshold == 1.5 for layer in routed_layers(model).values())

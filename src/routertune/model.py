@@ -38,6 +38,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "RouterLoadError",
     "UnsupportedArchitectureError",
+    "all_units_kept",
     "attach_routers",
     "capacity_regularizer",
     "detach_routers",
@@ -173,6 +174,24 @@ def set_thresholds(model: nn.Module, thresholds: float | dict[int, float]) -> No
     config.layer_thresholds = checked.layer_thresholds
     for idx, layer in layers.items():
         layer.router.threshold = config.threshold_for(idx)
+
+
+@contextlib.contextmanager
+def all_units_kept(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily runs every routed unit (threshold 0): the dense model, same weights.
+
+    Useful as a teacher for distillation and as the dense baseline in one process. The saved
+    config and thresholds are untouched.
+    """
+    layers = routed_layers(model)
+    saved = {i: layer.router.threshold for i, layer in layers.items()}
+    for layer in layers.values():
+        layer.router.threshold = 0.0
+    try:
+        yield model
+    finally:
+        for i, layer in layers.items():
+            layer.router.threshold = saved[i]
 
 
 def _require_config(model: nn.Module) -> RouterConfig:
