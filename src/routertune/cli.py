@@ -19,6 +19,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+@app.callback()
+def _root() -> None:
+    """Router-Tuning / MindSkip: train tiny routers that make a pretrained LLM skip layers for real."""
+    # An explicit callback keeps typer in multi-command mode even if only one verb is installed.
+
+
 # Order is the order shown in --help.
 COMMAND_MODULES = ("quickstart", "generate", "data", "train", "evaluate", "bench", "calibrate", "analyze")
 
