@@ -291,3 +291,15 @@ def test_cli_reformat_reports_counts_and_errors(raw_root: Path, tmp_path: Path):
 
     result = runner.invoke(app, ["data", "reformat", "--raw_data_root", str(tmp_path / "empty_root_missing")])
     assert result.exit_code == 1 and "not a folder" in result.output
+
+
+def test_nested_saved_datasets_pick_the_train_split(tmp_path: Path):
+    import datasets
+
+    records = json.loads((FIXTURES / "raw/meta_math_qa/MetaMathQA-395K.json").read_text())
+    folder = tmp_path / "meta_math_qa"
+    datasets.Dataset.from_list(records).save_to_disk(str(folder / "saved" / "train"))
+    datasets.Dataset.from_list(records[:1]).save_to_disk(str(folder / "saved" / "test"))
+    report = reformat_dataset(folder, tmp_path / "out", "meta_math_qa")
+    assert report.files == [str(folder / "saved" / "train")]
+    assert report.total == 3 and report.kept == 2

@@ -20,6 +20,7 @@ from routertune.data.messages import DataFormatError
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 # Like `datasets.load_dataset(folder)["train"]`, which the seed used: files named for another
 # split are not training data.
+_METADATA_FILES = frozenset({"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"})
 _NON_TRAIN_SPLIT = re.compile(r"(^|[^a-z0-9])(test|testing|eval|valid|validation|dev)([^a-z0-9]|$)")
 
 
@@ -65,18 +66,30 @@ def find_raw_source(path: str | Path, preferred_files: Sequence[str] = ()) -> Ra
         return None
     if is_saved_dataset(path):
         return RawSource("saved_dataset", (path,))
-    files = sorted(
+    visible = [
         p
-        for p in path.rglob("*")
-        if _is_data_file(p) and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
+        for p in sorted(path.rglob("*"))
+        if not any(part.startswith(".") for part in p.relative_to(path).parts)
+    ]
+    saved = [p for p in visible if is_saved_dataset(p)]
+    saved = [p for p in saved if not any(q in p.parents for q in saved)]  # top-most only
+    if saved:
+        # A save_to_disk folder one or more levels down (its json files are metadata, not records).
+        train = [p for p in saved if not _is_non_train(p, path)] or saved
+        if len(train) > 1:
+            raise DataFormatError(f"{path}: several saved datasets ({[str(p) for p in train]}); point at one")
+        return RawSource("saved_dataset", (train[0],))
+    files = [p for p in visible if _is_data_file(p) and p.name not in _METADATA_FILES]
     for name in preferred_files:
         matches = [p for p in files if p.name == name]
         if matches:
             return RawSource("files", (matches[0],))
-    train_files = [p for p in files if not _NON_TRAIN_SPLIT.search(p.relative_to(path).as_posix().lower())]
-    files = train_files or files
+    files = [p for p in files if not _is_non_train(p, path)] or files
     return RawSource("files", tuple(files)) if files else None
+
+
+def _is_non_train(p: Path, root: Path) -> bool:
+    return bool(_NON_TRAIN_SPLIT.search(p.relative_to(root).as_posix().lower()))
 
 
 def iter_raw_records(source: RawSource) -> Iterator[tuple[str, Any]]:
