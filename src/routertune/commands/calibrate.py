@@ -1,0 +1,169 @@
+"""``routertune calibrate``: set router thresholds for a target capacity, without retraining.
+
+    routertune calibrate --routers runs/rt --target_capacity 0.5
+    routertune calibrate --routers runs/rt --target_capacity 0.6 --method global --output runs/rt-0.6
+
+Records the routers' scores on instruction examples, sets per-layer (or one global) score
+quantiles as keep thresholds so that the routed model keeps the requested share of routed
+units, checks the share on held-out examples, and saves the routers with their thresholds
+(``layer_thresholds`` in router_config.json) plus ``calibration.json``. See
+docs/baselines.md for the method and its measurements.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+
+from routertune.models import DEFAULT_MODEL
+
+
+def register(app: typer.Typer) -> None:
+    app.command("calibrate")(calibrate_command)
+    # `routertune drop` lives in its own module; register it here unless the CLI lists it itself.
+    from routertune import cli
+    from routertune.commands import drop
+
+    if "drop" not in cli.COMMAND_MODULES:
+        drop.register(app)
+
+
+def calibrate_command(
+    routers: Path = typer.Option(
+        ..., "--routers", help="Router folder (router_config.json + routers.safetensors) to calibrate."
+    ),
+    target_capacity: float = typer.Option(
+        ..., "--target_capacity", "--target-capacity", help="Share of routed units to keep, in [0, 1]."
+    ),
+    model: str = typer.Option(
+        DEFAULT_MODEL, "--model", "-m", help="Local Hugging Face folder, built-in name, or hub id."
+    ),
+    method: str = typer.Option(
+        "per_layer", "--method", help="per_layer: each layer keeps the share; global: one threshold for all."
+    ),
+    data: str = typer.Option(
+        "builtin",
+        "--data",
+        help="Calibration data: 'builtin' (tail of the built-in mix) or a unified jsonl file.",
+    ),
+    n: int = typer.Option(64, "--n", help="Calibration examples."),
+    n_heldout: int = typer.Option(
+        32, "--n_heldout", "--n-heldout", help="Further examples to check the achieved capacity on (0: none)."
+    ),
+    output: Path | None = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="Folder to save into (default: the --routers folder, files replaced atomically).",
+    ),
+    max_length: int = typer.Option(
+        512, "--max_length", "--max-length", help="Tokens per example (cut beyond)."
+    ),
+    batch_size: int = typer.Option(8, "--batch_size", "--batch-size", help="Examples per forward pass."),
+    max_passes: int = typer.Option(
+        8, "--max_passes", "--max-passes", help="Most passes over the calibration data."
+    ),
+    device: str | None = typer.Option(
+        None, "--device", help="cpu, cuda, cuda:1...; default cuda when available."
+    ),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="float32, bf16 or fp16; default float32 on CPU, bf16 on CUDA."
+    ),
+) -> None:
+    """Calibrate router thresholds so the routed model keeps a target share of routed units."""
+    from routertune.calibrate import CALIBRATION_METHODS
+
+    if not 0.0 <= target_capacity <= 1.0:
+        _fail(f"--target_capacity must be in [0, 1]; got {target_capacity:g}")
+    if method not in CALIBRATION_METHODS:
+        _fail(f"--method must be one of {', '.join(CALIBRATION_METHODS)}; got {method!r}")
+    if n < 1 or n_heldout < 0 or max_length < 1 or batch_size < 1 or max_passes < 1:
+        _fail("--n, --max_length, --batch_size and --max_passes must be >= 1, --n_heldout >= 0")
+
+    from routertune.calibrate import (
+        CalibrationError,
+        calibrate_thresholds,
+        calibration_split,
+        make_batches,
+        measure_capacity,
+        save_calibrated,
+    )
+    from routertune.data import DataFormatError
+    from routertune.model import CONFIG_NAME, RouterLoadError, load_routers, read_router_files
+    from routertune.models import ModelResolutionError, load_model_and_tokenizer
+
+    # Cheap checks first: router files and data, before the model load.
+    try:
+        read_router_files(routers)
+    except RouterLoadError as err:
+        _fail(str(err))
+    try:
+        fit, heldout = calibration_split(data, n=n, n_heldout=n_heldout)
+    except (CalibrationError, DataFormatError, FileNotFoundError) as err:
+        _fail(str(err))
+    try:
+        lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
+    except (ModelResolutionError, ValueError) as err:
+        _fail(str(err))
+    try:
+        load_routers(lm, routers)
+    except RouterLoadError as err:
+        _fail(str(err))
+
+    try:
+        fit_batches = make_batches(tokenizer, fit, batch_size=batch_size, max_length=max_length)
+        heldout_batches = (
+            make_batches(tokenizer, heldout, batch_size=batch_size, max_length=max_length) if heldout else []
+        )
+        typer.echo(
+            f"calibrating {method} thresholds for capacity {target_capacity:g} on {len(fit)} examples from {data}",
+            err=True,
+        )
+        result = calibrate_thresholds(lm, fit_batches, target_capacity, method=method, max_passes=max_passes)
+        if heldout_batches:
+            result.heldout = measure_capacity(lm, heldout_batches)
+    except CalibrationError as err:
+        _fail(str(err))
+
+    typer.echo(format_calibration(result.to_dict()))
+    report = result.to_dict()
+    report.update(
+        {
+            "model": lm.config._name_or_path,
+            "source_routers": str(routers),
+            "data": data,
+            "n": len(fit),
+            "n_heldout": len(heldout),
+            "max_length": max_length,
+        }
+    )
+    destination = output if output is not None else routers
+    save_calibrated(lm, destination, report)
+    typer.echo(f"thresholds saved to {Path(destination) / CONFIG_NAME}", err=True)
+
+
+def format_calibration(result: dict[str, Any]) -> str:
+    """Per-layer thresholds and kept shares (calibration / held-out), then the overall line."""
+    heldout = result.get("heldout") or {}
+    held = heldout.get("per_layer", {})
+    calib = result["calibration"]["per_layer"]
+    lines = [f"{'layer':>6}{'threshold':>11}{'kept (calib)':>14}{'kept (held-out)':>17}"]
+    for layer, threshold in result["thresholds"].items():
+        lines.append(f"{layer:>6}{threshold:>11.4f}{_fmt(calib.get(layer)):>14}{_fmt(held.get(layer)):>17}")
+    status = "reached" if result["converged"] else "NOT reached (closest kept)"
+    lines.append(
+        f"target capacity {result['target_capacity']:.4f} {status} in {result['passes']} pass(es): "
+        f"calibration {_fmt(result['calibration']['overall'])}, held-out {_fmt(heldout.get('overall'))}"
+    )
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code=1)

@@ -1,0 +1,119 @@
+"""``routertune drop``: the attention-drop baseline, saved as a router folder.
+
+    routertune drop --capacity 0.5 --output runs/drop-0.5
+    routertune eval --routers runs/drop-0.5 --limit 100
+    routertune bench --routers runs/drop-0.5
+
+Measures each candidate layer's attention importance (``1 - cos(h, h + attn)``) on
+instruction examples, drops the least important attention sub-layers for every input, and
+writes ``router_config.json`` + ``routers.safetensors`` + ``attention_drop.json``. See
+docs/baselines.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+
+from routertune.models import DEFAULT_MODEL
+
+
+def register(app: typer.Typer) -> None:
+    app.command("drop")(drop_command)
+
+
+def drop_command(
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Router folder to write (replaced if it exists)."
+    ),
+    model: str = typer.Option(
+        DEFAULT_MODEL, "--model", "-m", help="Local Hugging Face folder, built-in name, or hub id."
+    ),
+    capacity: float | None = typer.Option(
+        None, "--capacity", help="Share of candidate attention layers to keep (as a routed model's capacity)."
+    ),
+    n_drop: int | None = typer.Option(
+        None, "--n_drop", "--n-drop", help="Number of attention layers to drop."
+    ),
+    router_layers: int = typer.Option(
+        16,
+        "--router_layers",
+        "--router-layers",
+        "--mod_n",
+        help="Candidates: the layers routers with this --router_layers would route (deepest, minus the last).",
+    ),
+    data: str = typer.Option(
+        "builtin",
+        "--data",
+        help="Calibration data: 'builtin' (tail of the built-in mix) or a unified jsonl file.",
+    ),
+    n: int = typer.Option(64, "--n", help="Calibration examples to measure importance on."),
+    max_length: int = typer.Option(
+        512, "--max_length", "--max-length", help="Tokens per example (cut beyond)."
+    ),
+    batch_size: int = typer.Option(8, "--batch_size", "--batch-size", help="Examples per forward pass."),
+    device: str | None = typer.Option(
+        None, "--device", help="cpu, cuda, cuda:1...; default cuda when available."
+    ),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="float32, bf16 or fp16; default float32 on CPU, bf16 on CUDA."
+    ),
+) -> None:
+    """Drop the least important attention sub-layers (static baseline) and save them as a router folder."""
+    if (n_drop is None) == (capacity is None):
+        _fail("give exactly one of --n_drop and --capacity")
+    if capacity is not None and not 0.0 <= capacity <= 1.0:
+        _fail(f"--capacity must be in [0, 1]; got {capacity:g}")
+    if n_drop is not None and n_drop < 0:
+        _fail(f"--n_drop must be >= 0; got {n_drop}")
+    if n < 1 or max_length < 1 or batch_size < 1 or router_layers < 1:
+        _fail("--n, --max_length, --batch_size and --router_layers must be >= 1")
+
+    from routertune.baselines import (
+        AttentionDropError,
+        apply_attention_drop,
+        attention_importance,
+        candidate_layers,
+        drop_report,
+        save_attention_drop,
+    )
+    from routertune.calibrate import CalibrationError, calibration_split
+    from routertune.data import DataFormatError
+    from routertune.models import ModelResolutionError, load_model_and_tokenizer
+
+    try:
+        fit, _ = calibration_split(data, n=n, n_heldout=0)
+    except (CalibrationError, DataFormatError, FileNotFoundError) as err:
+        _fail(str(err))
+    try:
+        lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
+    except (ModelResolutionError, ValueError) as err:
+        _fail(str(err))
+
+    try:
+        candidates = candidate_layers(lm, router_layers)
+        typer.echo(f"measuring attention importance on {len(fit)} examples from {data}", err=True)
+        importance = attention_importance(lm, tokenizer, fit, batch_size=batch_size, max_length=max_length)
+        dropped = apply_attention_drop(
+            lm, importance, n_drop=n_drop, capacity=capacity, candidates=candidates
+        )
+    except (AttentionDropError, CalibrationError) as err:
+        _fail(str(err))
+
+    typer.echo(f"{'layer':>6}{'importance':>12}  attention")
+    for i in candidates:
+        typer.echo(f"{i:>6}{importance[i]:>12.5f}  {'dropped' if i in dropped else 'kept'}")
+    report = drop_report(importance, candidates, dropped, data=data, n_examples=len(fit))
+    report["model"] = lm.config._name_or_path
+    save_attention_drop(lm, output, report)
+    typer.echo(
+        f"dropped attention of layers {dropped} ({len(dropped)} of {len(candidates)} candidates, "
+        f"capacity {report['capacity']:.4f}); router folder written to {output}"
+    )
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code=1)

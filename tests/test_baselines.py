@@ -1,0 +1,312 @@
+"""Attention drop baseline: importance, real skipping, equality with deleted sub-layers, save/load, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "baselines"))
+
+from tiny import byte_chat_tokenizer, chat_examples, save_tiny_model, tiny_causal_lm, write_chat_jsonl  # noqa: E402
+
+from routertune import RouterConfig, attach_routers, load_routers  # noqa: E402
+from routertune.baselines import (  # noqa: E402
+    DROP_REPORT,
+    AttentionDropError,
+    apply_attention_drop,
+    attention_importance,
+    candidate_layers,
+    choose_dropped,
+    drop_report,
+    n_drop_for_capacity,
+    save_attention_drop,
+)
+from routertune.config import RouterConfigError  # noqa: E402
+from routertune.model import get_router_config, routed_layers, track_capacity  # noqa: E402
+
+from helpers import without_sublayers  # noqa: E402
+
+VOCAB = 259
+
+
+def random_batches(n_batches=2, batch=3, length=12, seed=0):
+    """Left-padded random batches (rows of different lengths)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+        mask = torch.ones(batch, length, dtype=torch.long)
+        for b in range(1, batch):
+            mask[b, : 2 * b] = 0
+            ids[b, : 2 * b] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_zeroed_attention_is_least_important(arch):
+    model = tiny_causal_lm(arch, vocab_size=VOCAB)
+    with torch.no_grad():
+        model.model.layers[3].self_attn.o_proj.weight.zero_()
+    importance = attention_importance(model, None, random_batches())
+    assert sorted(importance) == list(range(6))
+    assert importance[3] == pytest.approx(0.0, abs=1e-6)
+    assert all(v > 1e-4 for i, v in importance.items() if i != 3)
+    # ...so it is the first to go.
+    assert apply_attention_drop(model, importance, n_drop=1) == [3]
+
+
+def test_importance_ignores_padding_tokens():
+    model = tiny_causal_lm("llama", vocab_size=VOCAB)
+    (batch,) = random_batches(n_batches=1)
+    padded = attention_importance(model, None, [batch])
+    # The same rows one by one, without their padding.
+    rows = []
+    for b in range(batch["input_ids"].shape[0]):
+        keep = batch["attention_mask"][b].bool()
+        rows.append(
+            {"input_ids": batch["input_ids"][b, keep][None], "attention_mask": torch.ones(1, int(keep.sum()))}
+        )
+    # Token-weighted mean: combine the per-row means by their token counts.
+    per_row = [attention_importance(model, None, [r]) for r in rows]
+    counts = [r["input_ids"].shape[1] for r in rows]
+    for i in padded:
+        expected = sum(p[i] * c for p, c in zip(per_row, counts, strict=True)) / sum(counts)
+        assert padded[i] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_importance_of_routed_model_is_the_dense_one():
+    model = tiny_causal_lm("llama", vocab_size=VOCAB)
+    plain = attention_importance(model, None, random_batches())
+    attach_routers(model, RouterConfig(layers=[1, 2, 3, 4], threshold=2.0))  # routers skip everything
+    assert attention_importance(model, None, random_batches()) == pytest.approx(plain, rel=1e-5)
+
+
+def test_importance_from_chat_examples_with_a_tokenizer():
+    tok = byte_chat_tokenizer()
+    model = tiny_causal_lm("llama", vocab_size=len(tok))
+    importance = attention_importance(
+        model, tok, chat_examples(5), layers=[2, 4], batch_size=2, max_length=64
+    )
+    assert sorted(importance) == [2, 4]
+    assert all(0.0 < v < 2.0 for v in importance.values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_drop_really_skips_and_equals_deleted_sublayers(arch):
+    model = tiny_causal_lm(arch, vocab_size=VOCAB)
+    importance = {0: 0.9, 1: 0.5, 2: 0.1, 3: 0.4, 4: 0.05, 5: 0.0}
+    ref = without_sublayers(model, [2, 4], "attn")
+    dropped = apply_attention_drop(model, importance, capacity=0.5)
+    assert dropped == [2, 4]  # layers 0 and 5 are not candidates, whatever their importance
+    calls = {i: 0 for i in range(6)}
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+    (batch,) = random_batches(n_batches=1)
+    with torch.no_grad():
+        out = model(**batch).logits
+        expected = ref(**batch).logits
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[mask], expected[mask], rtol=1e-4, atol=1e-5)
+    assert calls[2] == calls[4] == 0 and all(calls[i] == 1 for i in (0, 1, 3, 5))
+    # Generation: the dropped layers write no KV and the tokens match the deleted-sub-layer model.
+    prompt = batch["input_ids"][:1]
+    gen = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ref_gen = ref.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(gen, ref_gen)
+    assert calls[2] == calls[4] == 0
+
+
+def test_capacity_is_the_kept_share_of_candidates():
+    model = tiny_causal_lm("llama", vocab_size=VOCAB)
+    importance = {i: float(10 - i) for i in range(6)}
+    dropped = apply_attention_drop(model, importance, capacity=0.25)  # drop round(0.75 * 4) = 3
+    assert dropped == [2, 3, 4]
+    with track_capacity(model) as stats:
+        with torch.no_grad():
+            for batch in random_batches():
+                model(**batch)
+    assert stats.overall == pytest.approx(0.25)
+    assert stats.per_layer == {1: 1.0, 2: 0.0, 3: 0.0, 4: 0.0}
+
+
+def test_n_drop_rounding_half_up_and_range():
+    assert n_drop_for_capacity(0.5, 16) == 8
+    assert n_drop_for_capacity(0.625, 4) == 2  # 1.5 -> 2
+    assert n_drop_for_capacity(1.0, 16) == 0
+    assert n_drop_for_capacity(0.0, 16) == 16
+    for bad in (-0.1, 1.5, float("nan"), True, "0.5"):
+        with pytest.raises(AttentionDropError, match="capacity"):
+            n_drop_for_capacity(bad, 16)
+
+
+def test_candidates_match_router_layers_and_skip_mask_anchors():
+    llama = tiny_causal_lm("llama", vocab_size=VOCAB)
+    assert candidate_layers(llama) == [1, 2, 3, 4]
+    assert candidate_layers(llama, router_layers=2) == [3, 4]
+    assert candidate_layers(llama) == RouterConfig().routed_layer_indices(6)
+    # Qwen2 with sliding layers from layer 3: layer 3 sizes the sliding mask and is never dropped.
+    qwen = tiny_causal_lm(
+        "qwen2", layers=8, vocab_size=VOCAB, use_sliding_window=True, sliding_window=4, max_window_layers=3
+    )
+    assert 3 not in candidate_layers(qwen) and candidate_layers(qwen) == [1, 2, 4, 5, 6]
+
+
+def test_bad_requests_fail_clearly():
+    model = tiny_causal_lm("llama", vocab_size=VOCAB)
+    importance = {i: 0.1 * i for i in range(6)}
+    with pytest.raises(AttentionDropError, match="exactly one"):
+        apply_attention_drop(model, importance)
+    with pytest.raises(AttentionDropError, match="exactly one"):
+        apply_attention_drop(model, importance, n_drop=1, capacity=0.5)
+    with pytest.raises(AttentionDropError, match=r"n_drop must be an integer in \[0, 4\]"):
+        apply_attention_drop(model, importance, n_drop=5)
+    with pytest.raises(AttentionDropError, match="no importance for candidate layers \\[4\\]"):
+        apply_attention_drop(model, {1: 0.1, 2: 0.2, 3: 0.3}, n_drop=1)
+    with pytest.raises(AttentionDropError, match="do not exist"):
+        attention_importance(model, None, random_batches(), layers=[7])
+    assert get_router_config(model) is None  # nothing attached by the failed calls
+    apply_attention_drop(model, importance, n_drop=1)
+    with pytest.raises(RouterConfigError, match="already has routers"):
+        apply_attention_drop(model, importance, n_drop=1)
+    with pytest.raises(ValueError, match="empty"):
+        attention_importance(tiny_causal_lm("llama", vocab_size=VOCAB), None, [])
+
+
+def test_choose_dropped_breaks_ties_towards_deeper_layers():
+    assert choose_dropped({1: 0.2, 2: 0.1, 3: 0.1, 4: 0.3}, [1, 2, 3, 4], 1) == [3]
+
+
+def test_saved_drop_loads_unchanged_into_a_fresh_model(tmp_path):
+    model = tiny_causal_lm("llama", vocab_size=VOCAB)
+    fresh = copy.deepcopy(model)
+    importance = attention_importance(model, None, random_batches())
+    dropped = apply_attention_drop(model, importance, n_drop=2)
+    report = drop_report(importance, candidate_layers(fresh), dropped, data="random", n_examples=6)
+    out = save_attention_drop(model, tmp_path / "drop", report)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [DROP_REPORT, "router_config.json", "routers.safetensors"]
+    )
+    saved = json.loads((out / DROP_REPORT).read_text())
+    assert saved["dropped"] == dropped and saved["capacity"] == 0.5 and saved["candidates"] == [1, 2, 3, 4]
+    load_routers(fresh, out)
+    assert {i: layer.router.threshold for i, layer in routed_layers(fresh).items()} == {
+        i: (2.0 if i in dropped else 0.0) for i in (1, 2, 3, 4)
+    }
+    (batch,) = random_batches(n_batches=1, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits)
+
+
+def test_drop_cli_writes_a_loadable_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from routertune.cli import app
+
+    folder = save_tiny_model(tmp_path / "model")
+    data = write_chat_jsonl(tmp_path / "calib.jsonl", 6)
+    out = tmp_path / "drop"
+    result = CliRunner().invoke(
+        app,
+        [
+            "drop",
+            "--model",
+            str(folder),
+            "--data",
+            str(data),
+            "--n",
+            "6",
+            "--capacity",
+            "0.5",
+            "--output",
+            str(out),
+            "--max_length",
+            "64",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / DROP_REPORT).read_text())
+    assert (
+        report["n_drop"] == 2
+        and report["calibration_data"] == str(data)
+        and report["calibration_examples"] == 6
+    )
+    assert f"dropped attention of layers {report['dropped']}" in result.output
+    model = tiny_causal_lm("llama", vocab_size=VOCAB)
+    load_routers(model, out)
+    assert sorted(routed_layers(model)) == [1, 2, 3, 4]
+
+
+def test_drop_cli_rejects_bad_arguments(tmp_path):
+    from typer.testing import CliRunner
+
+    from routertune.cli import app
+
+    folder = save_tiny_model(tmp_path / "model")
+    runner = CliRunner()
+    both = runner.invoke(
+        app,
+        [
+            "drop",
+            "--model",
+            str(folder),
+            "--n_drop",
+            "1",
+            "--capacity",
+            "0.5",
+            "--output",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert both.exit_code != 0 and "exactly one of --n_drop and --capacity" in both.output
+    bad = runner.invoke(
+        app, ["drop", "--model", str(folder), "--capacity", "1.5", "--output", str(tmp_path / "o")]
+    )
+    assert bad.exit_code != 0 and "capacity must be in [0, 1]" in bad.output
+    missing = runner.invoke(
+        app,
+        [
+            "drop",
+            "--model",
+            str(folder),
+            "--capacity",
+            "0.5",
+            "--data",
+            str(tmp_path / "none.jsonl"),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert missing.exit_code != 0 and "none.jsonl" in missing.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.integration
+def test_attention_drop_on_the_real_model(tmp_path):
+    """SmolLM2-135M: importance on 8 builtin examples, half of the 16 candidate attention layers dropped."""
+    from routertune.calibrate import calibration_split
+    from routertune.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer("smollm2-135m-instruct", device="cpu", progress=False)
+    fit, _ = calibration_split("builtin", n=8, n_heldout=0)
+    importance = attention_importance(model, tok, fit, max_length=128)
+    assert len(importance) == 30 and all(0.0 <= v < 1.0 for v in importance.values())
+    candidates = candidate_layers(model)
+    assert candidates == list(range(13, 29))
+    dropped = apply_attention_drop(model, importance, capacity=0.5)
+    assert len(dropped) == 8 and set(dropped) <= set(candidates)
+    assert max(importance[i] for i in dropped) <= min(importance[i] for i in candidates if i not in dropped)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2+3?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    text = tok.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert text.strip()  # still produces text; quality is measured in docs/baselines.md
