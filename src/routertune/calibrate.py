@@ -47,6 +47,8 @@ CALIBRATION_METHODS = ("per_layer", "global")
 SKIP_ALL_THRESHOLD = 2.0
 KEEP_ALL_THRESHOLD = 0.0
 CALIBRATION_REPORT = "calibration.json"
+DEFAULT_N = 64  # calibration examples
+DEFAULT_HELDOUT = 32  # held-out examples the achieved capacity is checked on
 
 
 class CalibrationError(ValueError):
@@ -56,7 +58,9 @@ class CalibrationError(ValueError):
 # --------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------
-def calibration_split(source: str | Path = "builtin", n: int = 64, n_heldout: int = 32) -> tuple[list, list]:
+def calibration_split(
+    source: str | Path = "builtin", n: int = DEFAULT_N, n_heldout: int = DEFAULT_HELDOUT
+) -> tuple[list, list]:
     """Instruction examples to calibrate on, and held-out ones to check the result on.
 
     ``builtin``: the last ``n`` examples of the built-in mix, and the ``n_heldout`` before them.
