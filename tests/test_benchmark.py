@@ -1,0 +1,260 @@
+"""routertune bench: variants of one model, the report's schema, and bad inputs (no timed assertions)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from routertune import (
+    GRANULARITIES,
+    RouterConfig,
+    RouterLoadError,
+    attach_routers,
+    load_routers,
+    save_routers,
+)
+from routertune.benchmark import (
+    PRESETS,
+    SCHEMA,
+    BenchError,
+    BenchSettings,
+    _oracle_layers,
+    build_random_model,
+    force_skip,
+    forced_skip_layers,
+    preset_config,
+    routers_detached,
+    run_benchmark,
+    sublayers_deleted,
+    variant,
+)
+from routertune.cli import app
+from routertune.model import routed_layers
+
+from helpers import randomize_routers, tiny_model
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "models"))
+from tiny_models import save_tiny_llama  # noqa: E402
+
+runner = CliRunner()
+TINY = dict(contexts=(12,), batches=(1, 2), new_tokens=2, repeats=1, warmup=0)
+
+
+def test_forced_skip_layers_deepest_first():
+    routed = [3, 4, 5, 6, 7, 8]
+    assert forced_skip_layers(routed, 0.5) == [6, 7, 8]
+    assert forced_skip_layers(routed, 0.0) == []
+    assert forced_skip_layers(routed, 1.0) == routed
+    assert forced_skip_layers(routed, 0.25) == [7, 8]  # 1.5 rounds up
+    assert forced_skip_layers([5, 1, 3], 0.34) == [5]
+    for bad in (-0.1, 1.01, float("nan")):
+        with pytest.raises(BenchError, match="skip_ratio"):
+            forced_skip_layers(routed, bad)
+
+
+def test_routers_detached_is_the_plain_model_and_restores_routers():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 90, (2, 7))
+    with torch.no_grad():
+        plain = model(ids).logits
+    attach_routers(model, RouterConfig(router_layers=2))
+    randomize_routers(model, seed=3)
+    force_skip(model, 0.5)
+    weights = {i: layer.router.proj.weight.clone() for i, layer in routed_layers(model).items()}
+    thresholds = {i: layer.router.threshold for i, layer in routed_layers(model).items()}
+    with torch.no_grad():
+        routed = model(ids).logits
+        with routers_detached(model):
+            assert routed_layers(model) == {}
+            torch.testing.assert_close(model(ids).logits, plain)
+        torch.testing.assert_close(model(ids).logits, routed)
+    assert {i: layer.router.threshold for i, layer in routed_layers(model).items()} == thresholds
+    for i, layer in routed_layers(model).items():
+        torch.testing.assert_close(layer.router.proj.weight, weights[i])
+
+
+@pytest.mark.parametrize("granularity", ["attn_sequence", "mlp_sequence", "block_sequence"])
+def test_oracle_computes_what_the_routed_model_computes(granularity):
+    """Deleting the skipped sub-layers gives the same logits as routing around them."""
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(granularity=granularity, router_layers=2))
+    skipped = force_skip(model, 0.5)
+    ids = torch.randint(3, 90, (2, 7))
+    with torch.no_grad():
+        routed = model(ids).logits
+        with sublayers_deleted(model, skipped, granularity.split("_")[0]):
+            torch.testing.assert_close(model(ids).logits, routed)
+        with variant(model, "all_kept"):
+            dense = model(ids).logits
+    assert not torch.allclose(dense, routed)  # the skip really changed the function
+
+
+def test_oracle_layers_rules():
+    assert _oracle_layers({1: 1.0, 2: 0.0}, {1: 1.0, 2: 0.0}) == ([2], None)
+    layers, reason = _oracle_layers({1: 0.5, 2: 0.0}, {1: 0.5, 2: 0.0})
+    assert layers is None and "[1]" in reason
+    assert _oracle_layers({1: 1.0}, {1: 1.0})[1].startswith("nothing is skipped")
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_run_benchmark_with_forced_skip(granularity):
+    model = build_random_model("random:llama-tiny")
+    attach_routers(model, RouterConfig(granularity=granularity, router_layers=2))
+    report = run_benchmark(model, BenchSettings(skip_ratio=0.5, **TINY), name="tiny")
+    assert report["schema"] == SCHEMA and report["skip"]["layers"] == [2]
+    target, unit = granularity.split("_")
+    for cell in report["results"]:
+        assert cell["capacity"]["prefill"] == {1: 1.0, 2: 0.0}
+        assert cell["capacity"]["decode"] == {1: 1.0, 2: 0.0}
+        assert cell["oracle_layers"] == [2]
+        for phase in ("prefill", "decode"):
+            f = cell["flops"][phase]
+            s = cell["speedup"][phase]
+            assert s["ideal"] == pytest.approx(f["dense"]["total"] / f["routed"]["total"])
+            assert s["ideal"] > 1.0
+            assert s["measured"] > 0 and s["oracle_measured"] > 0
+            assert s["measured_over_ideal"] == pytest.approx(s["measured"] / s["ideal"])
+            if unit == "sequence" or target == "mlp":
+                assert f["routed"]["total"] == f["deleted"]["total"]
+            else:
+                assert f["routed"]["total"] > f["deleted"]["total"]  # keys/values still computed
+        kv = cell["kv_cache_bytes"]
+        if target == "mlp" or unit == "token":
+            assert kv["routed"] == kv["dense"]  # attention (or its K/V) still runs in every layer
+        else:
+            assert kv["routed"] < kv["dense"]
+            assert kv["routed"] == kv["oracle"]
+
+
+def test_threshold_zero_ideal_is_exactly_one():
+    model = build_random_model("random:llama-tiny")
+    attach_routers(model, RouterConfig(router_layers=2))
+    report = run_benchmark(model, BenchSettings(skip_ratio=0.0, **TINY))
+    for cell in report["results"]:
+        assert cell["speedup"]["prefill"]["ideal"] == 1.0
+        assert cell["speedup"]["decode"]["ideal"] == 1.0
+        assert cell["variants"]["oracle"] is None and "nothing is skipped" in cell["oracle_note"]
+        assert cell["kv_cache_bytes"]["routed"] == cell["kv_cache_bytes"]["dense"]
+
+
+def test_bench_settings_reject_bad_values():
+    with pytest.raises(BenchError, match="context"):
+        BenchSettings(contexts=(0,))
+    with pytest.raises(BenchError, match="variants"):
+        BenchSettings(variants=("routed",))
+    with pytest.raises(BenchError, match="new_tokens"):
+        BenchSettings(new_tokens=0)
+
+
+def test_presets_parameter_counts_match_built_models():
+    from transformers import AutoModelForCausalLM
+
+    for name, preset in PRESETS.items():
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(preset_config(preset))
+        assert sum(p.numel() for p in model.parameters()) == preset.num_parameters(), name
+
+
+def test_preset_too_big_for_memory_is_refused(monkeypatch):
+    import routertune.benchmark as bench
+
+    monkeypatch.setattr(bench, "available_memory_bytes", lambda: 2**30)
+    with pytest.raises(BenchError, match="GiB"):
+        build_random_model("random:llama-1b")
+
+
+# ---- the CLI ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _bench(*args: str):
+    return runner.invoke(app, ["bench", *args])
+
+
+def test_cli_json_report(tiny_folder, tmp_path):
+    out = tmp_path / "bench.json"
+    result = _bench(
+        "--model", str(tiny_folder), "--context", "16", "--new_tokens", "2", "--repeats", "1", "--batch", "1,2",
+        "--skip_ratio", "0.5", "--router_layers", "2", "--json", str(out),
+    )
+    assert result.exit_code == 0, result.output
+    assert "| 16 | 2 | decode |" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["schema"] == SCHEMA
+    assert report["model"] == str(tiny_folder.resolve())
+    assert report["environment"]["device"] == "cpu" and report["environment"]["dtype"] == "float32"
+    assert report["settings"]["contexts"] == [16] and report["settings"]["new_tokens"] == 2
+    assert [(c["context"], c["batch"]) for c in report["results"]] == [(16, 1), (16, 2)]
+    for cell in report["results"]:
+        assert set(cell["variants"]) == {"dense", "all_kept", "routed", "oracle"}
+        for v in cell["variants"].values():
+            assert len(v["prefill_s"]) == 1 and len(v["decode_s"]) == 1
+            assert v["prefill_tokens_per_s"] > 0 and v["decode_tokens_per_s"] > 0
+            assert v["prefill_s_median"] > 0 and v["kv_cache_bytes"] > 0
+        assert cell["kv_cache_bytes"]["routed"] < cell["kv_cache_bytes"]["dense"]
+        for phase in ("prefill", "decode"):
+            s = cell["speedup"][phase]
+            for key in ("measured", "ideal", "measured_over_ideal", "oracle_measured", "oracle_ideal",
+                        "routed_over_oracle"):
+                assert s[key] > 0, key
+            assert s["all_kept_overhead"] > -1
+            assert cell["flops"][phase]["dense"]["total"] > cell["flops"][phase]["routed"]["total"] > 0
+
+
+def test_cli_loads_saved_routers(tiny_folder, tmp_path):
+    model = tiny_model("llama")  # same shape as the tiny folder's model (hidden 64, 4 layers)
+    attach_routers(model, RouterConfig(granularity="attn_token", router_layers=2))
+    randomize_routers(model, seed=5)
+    save_routers(model, tmp_path / "routers")
+    out = tmp_path / "r.json"
+    result = _bench("--model", str(tiny_folder), "--routers", str(tmp_path / "routers"), "--context", "8",
+                    "--new_tokens", "2", "--repeats", "1", "--batch", "2", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["granularity"] == "attn_token" and report["routed_layers"] == [1, 2]
+    assert report["skip"]["ratio"] is None
+    cell = report["results"][0]
+    assert set(cell["capacity"]["prefill"]) == {"1", "2"}
+    assert all(0.0 <= c <= 1.0 for c in cell["capacity"]["decode"].values())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "random:llama-99b"], "unknown preset 'random:llama-99b'; presets: random:llama-tiny"),
+        (["--model", "random:llama-tiny", "--skip_ratio", "1.5"], "skip_ratio must be in [0, 1]; got 1.5"),
+        (["--model", "random:llama-tiny", "--skip_ratio", "-0.5"], "skip_ratio must be in [0, 1]"),
+        (["--model", "random:llama-tiny", "--context", "16,abc"], "--context must be comma-separated"),
+        (["--model", "random:llama-tiny", "--batch", "0"], "--batch must be comma-separated positive"),
+        (["--model", "random:llama-tiny", "--granularity", "attn_layer"], "--granularity must be one of"),
+        (["--model", "random:llama-tiny", "--variants", "routed,oracle"], "variants must include dense"),
+        (["--model", "./no/such/folder"], "does not exist"),
+    ],
+)
+def test_cli_bad_inputs(args, message):
+    defaults = ["--new_tokens", "1", "--repeats", "1"] + ([] if "--context" in args else ["--context", "8"])
+    result = _bench(*args, *defaults)
+    assert result.exit_code == 1
+    assert message in result.output
+
+
+def test_cli_routers_for_another_model(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=50))
+    attach_routers(other, RouterConfig(router_layers=2))
+    save_routers(other, tmp_path / "routers")
+    with pytest.raises(RouterLoadError):  # the library error the CLI reports
+        load_routers(build_random_model("random:llama-tiny"), tmp_path / "routers")
+    result = _bench("--model", "random:llama-tiny", "--routers", str(tmp_path / "routers"), "--context", "8")
+    assert result.exit_code == 1
+    assert "were saved for a model with hidden_size=32 and 6 layers" in result.output
+    assert "this model has hidden_size=64 and 4 layers" in result.output
