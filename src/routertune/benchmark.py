@@ -32,7 +32,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -282,9 +282,13 @@ def variant(model: nn.Module, name: str, deleted: Sequence[int] = ()) -> context
 # --------------------------------------------------------------------------------------------
 @dataclass
 class RunResult:
+    """Wall-clock seconds (the result) and this process's CPU seconds (robust to a shared machine)."""
+
     prefill_s: float
     decode_s: float
     kv_cache_bytes: int
+    prefill_cpu_s: float = 0.0
+    decode_cpu_s: float = 0.0
     capacity_prefill: Any = None  # CapacityStats of the probe run
     capacity_decode: Any = None
 
@@ -294,32 +298,88 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_generation(model: nn.Module, ids: torch.Tensor, new_tokens: int, observe: bool = False) -> RunResult:
+def timed_generation(
+    model: nn.Module,
+    ids: torch.Tensor,
+    new_tokens: int,
+    observe: bool = False,
+    cache_factory: Callable[[], Any] | None = None,
+) -> RunResult:
     """Prefill ``ids`` (B, T) into a fresh cache, then ``new_tokens`` greedy decode steps.
 
     Args:
         observe: count per-layer capacity with ``track_capacity`` (slower; for the probe run).
+        cache_factory: builds the cache (default: ``DynamicCache(config=model.config)``).
     """
     from transformers import DynamicCache
 
     device = ids.device
     stats = [None, None]
     with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
+        cache = cache_factory() if cache_factory is not None else DynamicCache(config=model.config)
         synchronize(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         with track_capacity(model) if observe else contextlib.nullcontext() as stats[0]:
             logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
             next_ids = logits[:, -1:].argmax(-1)  # (B, 1)
         synchronize(device)
-        prefilled = time.perf_counter()
+        prefilled, prefilled_cpu = time.perf_counter(), time.process_time()
         with track_capacity(model) if observe else contextlib.nullcontext() as stats[1]:
             for _ in range(new_tokens):
                 logits = model(input_ids=next_ids, cache=cache, use_cache=True, logits_to_keep=1).logits
                 next_ids = logits[:, -1:].argmax(-1)
         synchronize(device)
-        done = time.perf_counter()
-    return RunResult(prefilled - start, done - prefilled, kv_cache_bytes(cache), stats[0], stats[1])
+        done, done_cpu = time.perf_counter(), time.process_time()
+    return RunResult(
+        prefill_s=prefilled - start,
+        decode_s=done - prefilled,
+        kv_cache_bytes=kv_cache_bytes(cache),
+        prefill_cpu_s=prefilled_cpu - start_cpu,
+        decode_cpu_s=done_cpu - prefilled_cpu,
+        capacity_prefill=stats[0],
+        capacity_decode=stats[1],
+    )
+
+
+def interleaved_runs(
+    model: nn.Module,
+    ids: torch.Tensor,
+    new_tokens: int,
+    variants: dict[str, Callable[[], contextlib.AbstractContextManager]],
+    repeats: int,
+    warmup: int = 1,
+    cache_factory: Callable[[], Any] | None = None,
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, int]]:
+    """Times each variant ``repeats`` times, interleaved, the order rotating every repeat.
+
+    Warm-up runs use the first 64 tokens and 2 decode steps (allocator and kernel warm-up; at
+    the long contexts a full-size warm-up would cost as much as a repeat).
+
+    Args:
+        variants: name -> factory of a context manager that puts the model in that variant.
+        cache_factory: builds each run's cache (default: a fresh ``DynamicCache``).
+
+    Returns:
+        ``({name: {"prefill_s": [...], "decode_s": [...], "prefill_cpu_s": [...], "decode_cpu_s":
+        [...]}}, {name: KV-cache bytes})``.
+    """
+    names = list(variants)
+    for _ in range(warmup):
+        for v in names:
+            with variants[v]():
+                timed_generation(model, ids[:, : min(ids.shape[1], 64)], 2, cache_factory=cache_factory)
+    keys = ("prefill_s", "decode_s", "prefill_cpu_s", "decode_cpu_s")
+    times: dict[str, dict[str, list[float]]] = {v: {k: [] for k in keys} for v in names}
+    kv: dict[str, int] = {}
+    for r in range(repeats):
+        shift = r % len(names)
+        for v in names[shift:] + names[:shift]:
+            with variants[v]():
+                run = timed_generation(model, ids, new_tokens, cache_factory=cache_factory)
+            for k in keys:
+                times[v][k].append(getattr(run, k))
+            kv[v] = run.kv_cache_bytes
+    return times, kv
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,19 +478,8 @@ def _bench_cell(model, ids, settings: BenchSettings, shape: ModelShape, granular
     deleted, oracle_reason = _oracle_layers(cap_prefill, cap_decode)
     names = [v for v in settings.variants if v != "oracle" or oracle_reason is None]
 
-    for _ in range(settings.warmup):
-        for v in names:
-            with variant(model, v, deleted):
-                timed_generation(model, ids[:, : min(context, 64)], 2)
-    times: dict[str, dict[str, list[float]]] = {v: {"prefill_s": [], "decode_s": []} for v in names}
-    kv: dict[str, int] = {}
-    for r in range(settings.repeats):
-        for v in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order each repeat
-            with variant(model, v, deleted):
-                run = timed_generation(model, ids, n)
-            times[v]["prefill_s"].append(run.prefill_s)
-            times[v]["decode_s"].append(run.decode_s)
-            kv[v] = run.kv_cache_bytes
+    contexts = {v: (lambda v=v: variant(model, v, deleted)) for v in names}
+    times, kv = interleaved_runs(model, ids, n, contexts, settings.repeats, settings.warmup)
 
     target = granularity.split("_", 1)[0]
     works = {"dense": None, "deleted": deleted_works(target, deleted or [])}
@@ -466,6 +515,8 @@ def _bench_cell(model, ids, settings: BenchSettings, shape: ModelShape, granular
         "context": context,
         "batch": batch,
         "new_tokens": n,
+        "repeats": settings.repeats,
+        "warmup": settings.warmup,
         "capacity": {"prefill": cap_prefill, "decode": cap_decode},
         "capacity_overall": {
             "prefill": _overall(probe.capacity_prefill),
@@ -475,7 +526,7 @@ def _bench_cell(model, ids, settings: BenchSettings, shape: ModelShape, granular
         "oracle_note": oracle_reason,
         "variants": variants_out,
         "flops": flops,
-        "speedup": {phase: _speedups(times, flops[phase], f"{phase}_s") for phase in ("prefill", "decode")},
+        "speedup": {phase: _speedups(times, flops[phase], phase) for phase in ("prefill", "decode")},
         "kv_cache_bytes": {v: kv.get(v) for v in VARIANTS},
         "load_average": {"start": load_start, "end": _load_average()},
     }
@@ -499,18 +550,25 @@ def _oracle_layers(cap_prefill: dict[int, float], cap_decode: dict[int, float]) 
 
 def _paired_median(num: list[float], den: list[float]) -> float:
     """Median of the per-repeat ratios num[r] / den[r] (the two ran side by side in repeat r)."""
-    return statistics.median(a / b for a, b in zip(num, den, strict=True))
+    return statistics.median(a / max(b, 1e-9) for a, b in zip(num, den, strict=True))
 
 
-def _speedups(times: dict[str, dict[str, list[float]]], flops: dict[str, Any], key: str) -> dict[str, Any]:
+def _speedups(times: dict[str, dict[str, list[float]]], flops: dict[str, Any], phase: str) -> dict[str, Any]:
+    key, cpu_key = f"{phase}_s", f"{phase}_cpu_s"
     dense = times["dense"][key]
     measured = _paired_median(dense, times["routed"][key])
     ideal = flops["dense"]["total"] / flops["routed"]["total"]
+    measured_cpu = _paired_median(times["dense"][cpu_key], times["routed"][cpu_key])
     out: dict[str, Any] = {
         "measured": measured,
         "ideal": ideal,
         "measured_over_ideal": measured / ideal,
+        "measured_cpu": measured_cpu,
+        "measured_cpu_over_ideal": measured_cpu / ideal,
         "all_kept_overhead": _paired_median(times["all_kept"][key], dense) - 1.0 if "all_kept" in times else None,
+        "all_kept_overhead_cpu": _paired_median(times["all_kept"][cpu_key], times["dense"][cpu_key]) - 1.0
+        if "all_kept" in times
+        else None,
         "oracle_measured": None,
         "oracle_ideal": None,
         "routed_over_oracle": None,
@@ -589,8 +647,8 @@ def results_table(report: dict[str, Any]) -> str:
     """A Markdown table of one report: per cell and phase, speeds, speedups and KV bytes."""
     head = (
         "| context | batch | phase | dense tok/s | routed tok/s | speedup | ideal | measured/ideal "
-        "| oracle speedup | all-kept overhead | KV dense MiB | KV routed MiB |\n"
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| CPU-time speedup | oracle speedup | all-kept overhead | KV dense MiB | KV routed MiB |\n"
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = []
     for cell in report["results"]:
@@ -602,7 +660,7 @@ def results_table(report: dict[str, Any]) -> str:
                 f"| {cell['context']} | {cell['batch']} | {phase} "
                 f"| {v['dense'][f'{phase}_tokens_per_s']:.1f} | {v['routed'][f'{phase}_tokens_per_s']:.1f} "
                 f"| {s['measured']:.3f} | {s['ideal']:.3f} | {s['measured_over_ideal']:.3f} "
-                f"| {_fmt(s['oracle_measured'], '.3f')} "
+                f"| {s['measured_cpu']:.3f} | {_fmt(s['oracle_measured'], '.3f')} "
                 f"| {_fmt(None if overhead is None else 100 * overhead, '+.1f', '%')} "
                 f"| {cell['kv_cache_bytes']['dense'] / 2**20:.1f} | {cell['kv_cache_bytes']['routed'] / 2**20:.1f} |"
             )
@@ -631,6 +689,7 @@ __all__ = [
     "build_random_model",
     "force_skip",
     "forced_skip_layers",
+    "interleaved_runs",
     "load_bench_model",
     "parse_sizes",
     "results_table",

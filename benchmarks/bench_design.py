@@ -1,0 +1,348 @@
+"""Measurements behind the design choices of routed layers (docs/design.md).
+
+    OMP_NUM_THREADS=2 /work/venv/bin/python benchmarks/bench_design.py            # all three
+    OMP_NUM_THREADS=2 /work/venv/bin/python benchmarks/bench_design.py --only kv_rows --context 512
+
+(a) ``kv_rows``: ``attn_sequence`` with a mixed batch (batch 8, half the rows skip every routed
+    layer). The current design runs attention on the kept rows only and writes ZERO key/value rows
+    for the skipped ones (``RowsOfCache``) so the batch cache stays rectangular. Compared with:
+    computing the skipped rows' keys/values anyway (real K/V for every row, queries/attention/o
+    for the kept rows), and with the seed's way (attention for every row, update masked to 0).
+(b) ``token_attn``: ``attn_token`` with about half the tokens kept in every routed layer. The
+    current design computes K/V for every token and queries/attention/o_proj for kept tokens only
+    (gathered, padded to the row with most kept tokens); compared with computing everything and
+    masking the update (the seed's way).
+(c) ``overhead``: the cost of having routers at all: dense vs threshold 0 (decided without
+    scoring) vs zero routers at threshold 0.5 (scored every prefill, everything kept).
+
+The alternatives are installed by swapping methods of ``routertune.layers`` for the duration of
+one variant; the library itself is untouched. Results: benchmarks/results/bench_design.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import routertune.layers as L
+from routertune import RouterConfig, attach_routers
+from routertune.benchmark import (
+    environment,
+    interleaved_runs,
+    load_bench_model,
+    routers_detached,
+    timed_generation,
+)
+from routertune.flops import LayerWork, ModelShape, phase_flops, routed_works
+from routertune.io_utils import atomic_write_text
+from routertune.model import all_units_kept, routed_layers, router_probabilities, set_thresholds
+
+RESULTS = Path(__file__).parent / "results"
+
+
+# ---- (a) alternatives for mixed-row attention ---------------------------------------------------
+def _attention_rows_with_all_kv(self, hidden_states, normed, route, attn_kwargs):
+    """Alternative: real keys/values for every row, queries/attention/o_proj for kept rows only."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if route.none_kept:
+        return hidden_states
+    attn = self.self_attn
+    B, T, _ = normed.shape
+    hd = attn.head_dim
+    rows = route.kept_rows
+    cos, sin = attn_kwargs["position_embeddings"]
+    k = L._apply_rotary(attn.k_proj(normed).view(B, T, -1, hd).transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
+    v = attn.v_proj(normed).view(B, T, -1, hd).transpose(1, 2)
+    cache = attn_kwargs["cache"]
+    if cache is not None:
+        k, v = cache.update(k, v, attn.layer_idx)
+    xq = normed.index_select(0, rows)  # (K, T, C)
+    q = attn.q_proj(xq).view(len(rows), T, -1, hd).transpose(1, 2)
+    cos_r, sin_r = L._select_rows((cos, sin), rows, B)
+    q = L._apply_rotary(q, cos_r, sin_r)
+    mask = L._select_rows(attn_kwargs["attention_mask"], rows, B)
+    out, _ = sdpa_attention_forward(
+        attn, q, k.index_select(0, rows), v.index_select(0, rows), mask, dropout=0.0, scaling=attn.scaling
+    )
+    out = attn.o_proj(out.reshape(len(rows), T, -1))
+    return hidden_states.index_add(0, rows, out)
+
+
+@contextlib.contextmanager
+def patched(owner: Any, name: str, value: Any) -> Iterator[None]:
+    original = owner.__dict__[name]
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def forced_rows_cache(model, keep_by_layer: dict[int, torch.Tensor]) -> Callable[[], Any]:
+    """A cache factory whose caches carry fixed per-layer row routes (as if decided at prefill)."""
+    from transformers import DynamicCache
+
+    def make():
+        cache = DynamicCache(config=model.config)
+        store = L.routes_of(cache)
+        for i, keep in keep_by_layer.items():
+            store[i] = L.SequenceRoute.from_keep(keep)
+        return cache
+
+    return make
+
+
+def check_same_outputs(model, ids, variants: dict[str, Callable], cache_factory=None, steps: int = 3) -> None:
+    """The compared implementations must compute the same thing: prefill + greedy steps agree."""
+    from transformers import DynamicCache
+
+    results = {}
+    for name, make in variants.items():
+        with make(), torch.inference_mode():
+            cache = cache_factory() if cache_factory else DynamicCache(config=model.config)
+            logits = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
+            trace = [logits]
+            for _ in range(steps):
+                nxt = trace[-1].argmax(-1, keepdim=True)
+                trace.append(model(input_ids=nxt, cache=cache, use_cache=True).logits[:, -1])
+        results[name] = torch.stack(trace)
+    names = list(results)
+    for name in names[1:]:
+        torch.testing.assert_close(results[name], results[names[0]], rtol=1e-3, atol=1e-3,
+                                   msg=lambda m, n=name: f"{n} differs from {names[0]}: {m}")
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+def summarize(times, kv, flops: dict[str, dict[str, float]], baseline: str = "dense") -> dict[str, Any]:
+    """Per variant: median seconds, speedup vs baseline (median of paired ratios), FLOP-ideal."""
+    out = {}
+    for name, t in times.items():
+        entry: dict[str, Any] = {"kv_cache_bytes": kv[name], **t}
+        for phase in ("prefill", "decode"):
+            key = f"{phase}_s"
+            entry[f"{key}_median"] = statistics.median(t[key])
+            ratios = [a / b for a, b in zip(times[baseline][key], t[key], strict=True)]
+            entry[f"{phase}_speedup"] = statistics.median(ratios)
+            cpu_key = f"{phase}_cpu_s"
+            cpu = [a / max(b, 1e-9) for a, b in zip(times[baseline][cpu_key], t[cpu_key], strict=True)]
+            entry[f"{phase}_speedup_cpu"] = statistics.median(cpu)
+            if name in flops:
+                ideal = flops[baseline][phase] / flops[name][phase]
+                entry[f"{phase}_ideal"] = ideal
+                entry[f"{phase}_measured_over_ideal"] = entry[f"{phase}_speedup"] / ideal
+        out[name] = entry
+    return out
+
+
+def phase_totals(shape, context, batch, new_tokens, works) -> dict[str, float]:
+    return {
+        phase: phase_flops(shape, phase, context, batch, works, new_tokens).total for phase in ("prefill", "decode")
+    }
+
+
+def fresh_routers(model, granularity: str, router_layers: int) -> None:
+    from routertune import detach_routers
+
+    detach_routers(model)
+    attach_routers(model, RouterConfig(granularity=granularity, router_layers=router_layers))
+
+
+def measure_kv_rows(model, args, shape) -> list[dict[str, Any]]:
+    fresh_routers(model, "attn_sequence", args.router_layers)
+    layers = sorted(routed_layers(model))
+    set_thresholds(model, 0.0)  # every decision comes from the forced routes below
+    batch = 8
+    g = torch.Generator().manual_seed(1)
+    keep = {}
+    for i in layers:  # exactly half the rows skip, a different half in every layer
+        k = torch.zeros(batch, dtype=torch.bool)
+        k[torch.randperm(batch, generator=g)[: batch // 2]] = True
+        keep[i] = k
+    variants = {
+        "dense": lambda: routers_detached(model),
+        "zero_kv_rows": contextlib.nullcontext,  # the library as it is
+        "all_rows_kv": lambda: patched(L.RoutedLayerMixin, "_attention_on_rows", _attention_rows_with_all_kv),
+        "compute_all_mask": lambda: patched(L.RoutedLayerMixin, "_row_kwargs", staticmethod(lambda *a: None)),
+    }
+    routed_variants = {k: v for k, v in variants.items() if k != "dense"}
+    check_same_outputs(model, torch.randint(0, shape.vocab, (batch, 24), generator=g), routed_variants,
+                       forced_rows_cache(model, keep))
+    out = []
+    for context in args.contexts:
+        ids = torch.randint(0, shape.vocab, (batch, context), generator=g)
+        times, kv = interleaved_runs(
+            model, ids, args.new_tokens, variants, args.repeats, args.warmup, forced_rows_cache(model, keep)
+        )
+        half = dict.fromkeys(layers, 0.5)
+        flops = {
+            "dense": phase_totals(shape, context, batch, args.new_tokens, None),
+            "zero_kv_rows": phase_totals(shape, context, batch, args.new_tokens, routed_works("attn_sequence", half, set())),
+            "all_rows_kv": phase_totals(
+                shape, context, batch, args.new_tokens, dict.fromkeys(layers, LayerWork(q_o=0.5, kv=1.0, core=0.5))
+            ),
+            "compute_all_mask": phase_totals(shape, context, batch, args.new_tokens, None),
+        }
+        out.append({"context": context, "batch": batch, "kept_rows_per_layer": batch // 2,
+                    "variants": summarize(times, kv, flops)})
+        print(f"kv_rows context {context}: " + _line(out[-1]), file=sys.stderr, flush=True)
+    return out
+
+
+def measure_token_attention(model, args, shape) -> list[dict[str, Any]]:
+    fresh_routers(model, "attn_token", args.router_layers)
+    layers = routed_layers(model)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in layers.values():
+            w = layer.router.proj.weight
+            w.copy_(torch.randn(w.shape, generator=g) / shape.hidden**0.5)
+    # Per-layer thresholds at the median score of a calibration prompt: about half the tokens kept.
+    calib = torch.randint(0, shape.vocab, (2, 256), generator=g)
+    with torch.inference_mode(), router_probabilities(model) as rec:
+        model(calib)
+    set_thresholds(model, {i: float(s.median()) for i, s in rec.per_layer().items()})
+    variants = {
+        "dense": lambda: routers_detached(model),
+        "kept_queries": contextlib.nullcontext,  # the library as it is
+        "compute_all_mask": lambda: patched(L, "kept_query_attention_supported", lambda layer: False),
+    }
+    check_same_outputs(model, torch.randint(0, shape.vocab, (3, 24), generator=g),
+                       {k: v for k, v in variants.items() if k != "dense"})
+    out = []
+    for context in args.contexts:
+        for batch in (1, 8):
+            ids = torch.randint(0, shape.vocab, (batch, context), generator=g)
+
+            probe = timed_generation(model, ids, args.new_tokens, observe=True)
+            caps = {ph: {int(i): c for i, c in st.per_layer.items()}
+                    for ph, st in (("prefill", probe.capacity_prefill), ("decode", probe.capacity_decode))}
+            times, kv = interleaved_runs(model, ids, args.new_tokens, variants, args.repeats, args.warmup)
+            flops = {"dense": phase_totals(shape, context, batch, args.new_tokens, None)}
+            flops["kept_queries"] = {
+                ph: phase_flops(shape, ph, context, batch, routed_works("attn_token", caps[ph]), args.new_tokens).total
+                for ph in ("prefill", "decode")
+            }
+            ones = dict.fromkeys(layers, 1.0)  # computing everything = keeping everything, plus the router
+            flops["compute_all_mask"] = {
+                ph: phase_flops(shape, ph, context, batch, routed_works("attn_token", ones), args.new_tokens).total
+                for ph in ("prefill", "decode")
+            }
+            overall = {ph: statistics.fmean(c.values()) for ph, c in caps.items()}
+            out.append({"context": context, "batch": batch, "capacity": overall, "variants": summarize(times, kv, flops)})
+            print(f"token_attn context {context} batch {batch}: " + _line(out[-1]), file=sys.stderr, flush=True)
+    return out
+
+
+def measure_overhead(model, args, shape) -> list[dict[str, Any]]:
+    out = []
+    g = torch.Generator().manual_seed(3)
+    for granularity in ("attn_sequence", "attn_token"):
+        fresh_routers(model, granularity, args.router_layers)  # zero routers, threshold 0.5: all kept
+        variants = {
+            "dense": lambda: routers_detached(model),
+            "threshold_0": lambda: all_units_kept(model),
+            "scored_all_kept": contextlib.nullcontext,
+        }
+        for context in args.contexts:
+            for batch in (1, 8):
+                ids = torch.randint(0, shape.vocab, (batch, context), generator=g)
+                times, kv = interleaved_runs(model, ids, args.new_tokens, variants, args.repeats, args.warmup)
+                out.append({"granularity": granularity, "context": context, "batch": batch,
+                            "variants": summarize(times, kv, {})})
+                print(f"overhead {granularity} context {context} batch {batch}: " + _line(out[-1]),
+                      file=sys.stderr, flush=True)
+    return out
+
+
+def _line(entry: dict[str, Any]) -> str:
+    parts = []
+    for name, v in entry["variants"].items():
+        parts.append(f"{name} {v['prefill_speedup']:.3f}/{v['decode_speedup']:.3f}")
+    return "speedup prefill/decode: " + ", ".join(parts)
+
+
+# ---- report ------------------------------------------------------------------------------------
+def markdown(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    lines = [
+        "# Design measurements (generated by benchmarks/bench_design.py)",
+        "",
+        f"Model {report['model']}, {env['device']} {env['dtype']}, {env['threads']} threads, {env['cpu']}; "
+        f"load average at start {env['load_average_start']}, at end {report['load_average_end']}; "
+        f"{report['settings']['new_tokens']} decode tokens, {report['settings']['repeats']} repeats "
+        "(medians of paired ratios to dense).",
+        "",
+    ]
+    titles = {
+        "kv_rows": "(a) attn_sequence, batch 8, half the rows skip every routed layer",
+        "token_attn": "(b) attn_token, about half the tokens kept in every routed layer",
+        "overhead": "(c) routing overhead, everything kept",
+    }
+    for key, title in titles.items():
+        if key not in report["measurements"]:
+            continue
+        lines += [f"## {title}", "", "| cell | variant | prefill s | prefill speedup (CPU time) | ideal | decode s "
+                  "| decode speedup (CPU time) | ideal | KV MiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for entry in report["measurements"][key]:
+            cell = ", ".join(f"{k} {entry[k]}" for k in ("granularity", "context", "batch") if k in entry)
+            for name, v in entry["variants"].items():
+                lines.append(
+                    f"| {cell} | {name} | {v['prefill_s_median']:.3f} "
+                    f"| {v['prefill_speedup']:.3f} ({v['prefill_speedup_cpu']:.3f}) "
+                    f"| {_opt(v.get('prefill_ideal'))} | {v['decode_s_median']:.3f} "
+                    f"| {v['decode_speedup']:.3f} ({v['decode_speedup_cpu']:.3f}) "
+                    f"| {_opt(v.get('decode_ideal'))} | {v['kv_cache_bytes'] / 2**20:.1f} |"
+                )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _opt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--only", choices=("kv_rows", "token_attn", "overhead"), action="append")
+    parser.add_argument("--context", dest="contexts", type=int, action="append")
+    parser.add_argument("--new_tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--router_layers", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_design")
+    args = parser.parse_args(argv)
+    args.contexts = args.contexts or [512]
+    torch.set_num_threads(args.threads)
+    model, name = load_bench_model(args.model)
+    attach_routers(model, RouterConfig(router_layers=args.router_layers))
+    shape = ModelShape.from_config(model.config)
+    report: dict[str, Any] = {
+        "model": name,
+        "environment": environment(next(model.parameters()).device, model),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "measurements": {},
+    }
+    steps = {"kv_rows": measure_kv_rows, "token_attn": measure_token_attention, "overhead": measure_overhead}
+    for key in args.only or list(steps):
+        report["measurements"][key] = steps[key](model, args, shape)
+    import os
+
+    report["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    atomic_write_text(args.out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    atomic_write_text(args.out.with_suffix(".md"), markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
