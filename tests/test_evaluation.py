@@ -376,3 +376,12 @@ def test_smollm2_arc_easy_and_piqa(tmp_path):
     assert piqa["acc_norm"] == pytest.approx(0.70, abs=0.06)
     assert saved["model"] == "smollm2-135m-instruct"
     assert saved["capacity"] is None
+
+
+def test_task_limits_override_the_limit_per_task(model, tokenizer):
+    from routertune.evaluation import EvaluationError, evaluate
+
+    out = evaluate(model, tokenizer, tasks=["piqa", "rte"], limit=3, task_limits={"rte": 2})
+    assert out["tasks"]["piqa"]["samples"] == 3 and out["tasks"]["rte"]["samples"] == 2
+    with pytest.raises(EvaluationError, match="not evaluated"):
+        evaluate(model, tokenizer, tasks=["piqa"], limit=2, task_limits={"mmlu": 1})

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -317,6 +317,7 @@ def evaluate(
     include_defaults: bool = False,
     bootstrap_iters: int = 1000,
     random_seed: int = 0,
+    task_limits: Mapping[str, int | float] | None = None,
 ) -> dict[str, Any]:
     """Runs lm-eval on ``model`` itself and returns a JSON-able summary.
 
@@ -337,6 +338,8 @@ def evaluate(
         include_defaults: also offer lm-eval's built-in tasks (need the hub).
         bootstrap_iters: bootstrap resamples for stderrs that need them (not acc/acc_norm).
         random_seed: seed for few-shot sampling and lm-eval's RNGs.
+        task_limits: per-task overrides of ``limit`` (e.g. ``{"mmlu": 2}``: two documents per
+            MMLU subject while other tasks use ``limit``).
 
     Returns:
         ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "samples",
@@ -354,11 +357,17 @@ def evaluate(
     from routertune.model import get_router_config, track_capacity
 
     _check_limit(limit)
+    task_limits = dict(task_limits or {})
+    for value in task_limits.values():
+        _check_limit(value)
     _check_batch_size(batch_size)
     if num_fewshot is not None and (isinstance(num_fewshot, bool) or num_fewshot < 0):
         raise EvaluationError(f"num_fewshot must be >= 0; got {num_fewshot}")
     task_manager = build_task_manager(include_path, include_defaults)
     resolved = resolve_tasks(tasks, task_manager)
+    stray = sorted(set(task_limits) - set(resolved))
+    if stray:
+        raise EvaluationError(f"task_limits names tasks that are not evaluated: {stray}")
     if any(target.startswith(TASK_PREFIX) for target in resolved.values()):
         olmo_datasets_root()  # fail early, with the install hint, before any model work
 
@@ -379,7 +388,7 @@ def evaluate(
                         model=lm,
                         tasks=[target],
                         num_fewshot=num_fewshot,
-                        limit=limit,
+                        limit=task_limits.get(name, limit),
                         task_manager=task_manager,
                         bootstrap_iters=bootstrap_iters,
                         log_samples=False,
@@ -404,6 +413,7 @@ def evaluate(
         "routers": router_config.to_dict() if router_config is not None else None,
         "settings": {
             "limit": limit,
+            "task_limits": task_limits or None,
             "num_fewshot": num_fewshot,
             "batch_size": batch_size,
             "max_length": lm.max_length,
