@@ -49,32 +49,57 @@ RESULTS = Path(__file__).parent / "results"
 
 
 # ---- (a) alternatives for mixed-row attention ---------------------------------------------------
-def _attention_rows_with_all_kv(self, hidden_states, normed, route, attn_kwargs):
-    """Alternative: real keys/values for every row, queries/attention/o_proj for kept rows only."""
+def rows_attention_update(layer, normed, rows, attn_kwargs) -> torch.Tensor:
+    """Attention update ``(B, T, C)`` for the batch rows ``rows`` only (zeros elsewhere).
+
+    Keys/values are computed for EVERY row and written to the cache; queries, the attention
+    kernel and o_proj only for ``rows``.
+    """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if route.none_kept:
-        return hidden_states
-    attn = self.self_attn
-    B, T, _ = normed.shape
+    attn = layer.self_attn
+    B, T, C = normed.shape
     hd = attn.head_dim
-    rows = route.kept_rows
     cos, sin = attn_kwargs["position_embeddings"]
     k = L._apply_rotary(attn.k_proj(normed).view(B, T, -1, hd).transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
     v = attn.v_proj(normed).view(B, T, -1, hd).transpose(1, 2)
     cache = attn_kwargs["cache"]
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx)
-    xq = normed.index_select(0, rows)  # (K, T, C)
-    q = attn.q_proj(xq).view(len(rows), T, -1, hd).transpose(1, 2)
+    K = rows.shape[0]
+    q = attn.q_proj(normed.index_select(0, rows)).view(K, T, -1, hd).transpose(1, 2)  # (K, H, T, D)
     cos_r, sin_r = L._select_rows((cos, sin), rows, B)
     q = L._apply_rotary(q, cos_r, sin_r)
     mask = L._select_rows(attn_kwargs["attention_mask"], rows, B)
     out, _ = sdpa_attention_forward(
         attn, q, k.index_select(0, rows), v.index_select(0, rows), mask, dropout=0.0, scaling=attn.scaling
     )
-    out = attn.o_proj(out.reshape(len(rows), T, -1))
-    return hidden_states.index_add(0, rows, out)
+    out = attn.o_proj(out.reshape(K, T, -1))  # (K, T, C)
+    return normed.new_zeros(B, T, C).index_copy(0, rows, out.to(normed.dtype))
+
+
+def _attention_rows_with_all_kv(self, hidden_states, normed, route, attn_kwargs):
+    """(a) alternative: real keys/values for every row, queries/attention/o_proj for kept rows."""
+    if route.none_kept:
+        return hidden_states
+    return hidden_states + rows_attention_update(self, normed, route.kept_rows, attn_kwargs)
+
+
+_CURRENT_TOKEN_ATTENTION = L.RoutedLayerMixin._token_attention
+
+
+def _token_attention_rows_at_decode(self, normed, keep, max_kept, attn_kwargs):
+    """(b) proposal: at a decode step (one token per row) of a batch, select the kept ROWS.
+
+    The current code pads every row to one query slot, so a step in which any row keeps its
+    token computes queries, attention and o_proj for every row (plus the gather/sort/scatter
+    and an explicit mask). Selecting the kept rows computes them for kept tokens only.
+    """
+    B, T, _ = normed.shape
+    if T == 1 and B > 1 and max_kept == 1 and L._rows_selectable(attn_kwargs["attention_mask"]):
+        rows = keep[:, 0].nonzero().squeeze(1)
+        return rows_attention_update(self, normed, rows, attn_kwargs)
+    return _CURRENT_TOKEN_ATTENTION(self, normed, keep, max_kept, attn_kwargs)
 
 
 @contextlib.contextmanager
@@ -214,6 +239,7 @@ def measure_token_attention(model, args, shape) -> list[dict[str, Any]]:
         "dense": lambda: routers_detached(model),
         "kept_queries": contextlib.nullcontext,  # the library as it is
         "compute_all_mask": lambda: patched(L, "kept_query_attention_supported", lambda layer: False),
+        "kept_rows_at_decode": lambda: patched(L.RoutedLayerMixin, "_token_attention", _token_attention_rows_at_decode),
     }
     check_same_outputs(model, torch.randint(0, shape.vocab, (3, 24), generator=g),
                        {k: v for k, v in variants.items() if k != "dense"})
@@ -232,6 +258,7 @@ def measure_token_attention(model, args, shape) -> list[dict[str, Any]]:
                 for ph in ("prefill", "decode")
             }
             ones = dict.fromkeys(layers, 1.0)  # computing everything = keeping everything, plus the router
+            flops["kept_rows_at_decode"] = flops["kept_queries"]
             flops["compute_all_mask"] = {
                 ph: phase_flops(shape, ph, context, batch, routed_works("attn_token", ones), args.new_tokens).total
                 for ph in ("prefill", "decode")
