@@ -90,13 +90,28 @@ def test_kept_target_rounds_half_up():
 
 
 # ---- calibration -------------------------------------------------------------------------
+def one_batch(batches):
+    """The same rows as one left-padded batch."""
+    T = max(b["input_ids"].shape[1] for b in batches)
+
+    def pad(t):
+        return torch.nn.functional.pad(t, (T - t.shape[1], 0))
+
+    return [{k: torch.cat([pad(b[k]) for b in batches]) for k in ("input_ids", "attention_mask")}]
+
+
 @pytest.mark.parametrize("capacity", [0.3, 0.5, 0.8])
 @pytest.mark.parametrize("granularity", ["attn_sequence", "attn_token", "block_sequence", "mlp_token"])
-def test_per_layer_hits_capacity_within_one_unit_per_layer(granularity, capacity):
+@pytest.mark.parametrize("batching", ["one batch", "six batches"])
+def test_per_layer_hits_capacity_within_one_unit_per_layer(granularity, capacity, batching):
     model = routed_model(granularity)
     batches = random_batches()
+    if batching == "one batch":
+        batches = one_batch(batches)
     result = calibrate_thresholds(model, batches, capacity, method="per_layer")
     assert result.converged
+    # One forward for a single batch; else one (stopped) pass per routed layer + one to measure.
+    assert result.passes == (1 if batching == "one batch" else 5)
     counts = independent_counts(model, batches)
     assert sorted(counts) == [1, 2, 3, 4]
     for kept, total in counts.values():
@@ -105,14 +120,24 @@ def test_per_layer_hits_capacity_within_one_unit_per_layer(granularity, capacity
     assert result.thresholds == {i: layer.router.threshold for i, layer in routed_layers(model).items()}
 
 
+def test_per_layer_thresholds_do_not_depend_on_batching():
+    a, b = routed_model(), routed_model()
+    batches = random_batches()
+    ra = calibrate_thresholds(a, batches, 0.5)
+    rb = calibrate_thresholds(b, one_batch(batches), 0.5)
+    assert ra.calibration["counts"] == rb.calibration["counts"]
+    assert ra.thresholds == pytest.approx(rb.thresholds, abs=1e-5)
+
+
 @pytest.mark.parametrize("capacity", [0.25, 0.5, 0.7])
 @pytest.mark.parametrize("granularity", ["attn_sequence", "attn_token"])
 def test_global_threshold_hits_overall_capacity_within_one_unit(granularity, capacity):
     model = routed_model(granularity, seed=1)
     batches = random_batches(seed=1)
-    result = calibrate_thresholds(model, batches, capacity, method="global")
+    result = calibrate_thresholds(model, batches, capacity, method="global", tolerance=0.0)
     assert result.converged
     assert len(set(result.thresholds.values())) == 1
+    assert result.passes == len(result.history) <= 12
     counts = independent_counts(model, batches)
     kept, total = sum(k for k, _ in counts.values()), sum(t for _, t in counts.values())
     assert abs(kept - kept_target(capacity, total)) <= 1
@@ -160,8 +185,11 @@ def test_thresholds_survive_save_and_load(tmp_path):
 def test_untrained_routers_cannot_be_split_and_say_so():
     model = tiny_causal_lm("llama", vocab_size=VOCAB)
     attach_routers(model, RouterConfig())  # zero routers: every score is 0.5
-    with pytest.warns(UserWarning, match="did not reach capacity 0.5"):
-        result = calibrate_thresholds(model, random_batches(n_batches=2), 0.5, max_passes=2)
+    with pytest.warns(UserWarning, match="did not reach capacity 0.5: off by up to 8 units"):
+        result = calibrate_thresholds(model, random_batches(n_batches=2), 0.5)
+    assert not result.converged
+    with pytest.warns(UserWarning, match="did not reach capacity 0.5: off by 32 of 64 units"):
+        result = calibrate_thresholds(model, random_batches(n_batches=2), 0.5, method="global", max_passes=2)
     assert not result.converged and result.passes == 2
 
 

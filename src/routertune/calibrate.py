@@ -16,14 +16,21 @@ score quantiles so that the routed model keeps the requested share of routed uni
   pooled; layers whose routers score higher keep more, so compute moves between layers.
 
 Skipping a unit changes the hidden states every later layer sees, so the scores of layer
-``l`` depend on the thresholds of the layers before it. Calibration therefore iterates: each
-pass runs the routed model (really skipping) under the current thresholds, records what it
-keeps and the scores it made them from, and sets new quantile thresholds from those scores,
-until the kept count is within ``tolerance`` units of the target (per layer for
-``per_layer``, overall for ``global``). For ``per_layer`` this converges because layer ``l``
-only depends on earlier layers; for ``global`` the single threshold is also bracketed
-between passes that kept too much and too little, and bisected when the quantile step
-leaves the bracket. docs/baselines.md has the measured comparison of the two methods.
+``l`` depend on the thresholds of the layers before it (and, for ``global``, of itself).
+
+* ``per_layer`` is solved exactly, layer after layer: each layer's quantile is taken from
+  the scores it makes while every earlier layer already runs with its final threshold. With
+  the calibration set in one batch that is one forward pass (a hook sets each router's
+  threshold the moment it has scored the batch, before its layer acts); with several
+  batches, one pass per routed layer, each stopped right after that layer's router.
+* ``global`` iterates: each pass runs the routed model (really skipping) under the current
+  threshold and proposes the pooled-score quantile of what it saw, bisecting inside the
+  bracket of thresholds known to keep too much and too little, until the kept count is
+  within ``max(1, 0.5%)`` of the routed units.
+
+A first version iterated ``per_layer`` the same way; on SmolLM2 with trained routers whose
+scores sit within a few hundredths of each other, 8 passes did not settle (every upstream
+change flips decisions downstream). docs/baselines.md has the measured comparison.
 
 The data helpers here (``calibration_split``, ``make_batches``, ``run_batches``) are shared
 with :mod:`routertune.baselines` and :mod:`routertune.analyze`.
@@ -291,6 +298,10 @@ def _check_capacity(target_capacity: Any) -> float:
     return c
 
 
+class _StopForward(Exception):
+    """Raised by a calibration hook once the layer being calibrated has scored its inputs."""
+
+
 def _record_pass(
     model: nn.Module, batches: list
 ) -> tuple[dict[int, tuple[int, int]], dict[int, torch.Tensor]]:
@@ -313,24 +324,34 @@ def calibrate_thresholds(
     batches: list[dict[str, torch.Tensor]],
     target_capacity: float,
     method: str = "per_layer",
-    max_passes: int = 8,
-    tolerance: int = 1,
+    max_passes: int = 12,
+    tolerance: float = 0.005,
 ) -> CalibrationResult:
     """Sets keep thresholds so that the routed model keeps ``target_capacity`` of its routed units.
 
-    See the module docstring for the two methods and the iteration. The thresholds are set on
-    the model and recorded in its router config (``save_routers`` writes them). When the
-    target is not reached within ``max_passes``, the best thresholds seen are kept and a
-    warning says how far off they are.
+    ``per_layer`` decides the layers in order, each from the scores it makes while every layer
+    before it already runs with its final threshold, so each layer keeps its share exactly
+    (up to tied scores). With one batch this is a single forward pass: each router's
+    threshold is set the moment it has scored the whole calibration set, before its layer
+    acts. With several batches it takes one pass per routed layer, each stopped right after
+    that layer's router, plus one pass to measure.
+
+    ``global`` searches one threshold for all layers: each pass measures the current one and
+    proposes the pooled-score quantile, bisecting inside the bracket of thresholds known to
+    keep too much and too little, until the overall kept count is within tolerance.
+
+    The thresholds are set on the model and recorded in its router config (``save_routers``
+    writes them). When the target is missed, the closest thresholds found are kept and a
+    warning says by how much.
 
     Args:
         model: a model with routers attached (``load_routers`` / ``attach_routers``).
-        batches: calibration batches from :func:`make_batches`.
+        batches: calibration batches from :func:`make_batches` (a single batch is fastest).
         target_capacity: share of routed units to keep, in [0, 1].
         method: ``per_layer`` or ``global``.
-        max_passes: most forward passes over ``batches``.
-        tolerance: allowed distance, in units, between kept and target count (per layer for
-            ``per_layer``, overall for ``global``).
+        max_passes: most forward passes over ``batches`` for ``global``.
+        tolerance: ``global`` stops when the kept count is within ``max(1, tolerance * units)``
+            units of the target.
 
     Raises:
         CalibrationError: bad capacity or method, empty batches, or no routers.
@@ -355,59 +376,118 @@ def calibrate_thresholds(
         return CalibrationResult(method, capacity, _current_thresholds(model), stats.as_dict(), 1, True)
 
     history: list[dict[str, Any]] = []
-    best: tuple[float, dict[int, float], dict[int, tuple[int, int]]] | None = None
-    bracket = [0.0, 1.0]  # global method: thresholds known to keep too much / too little
-    converged = False
-    for _ in range(max_passes):
-        thresholds = _current_thresholds(model)
-        counts, scores = _record_pass(model, batches)
-        error, ok = _error(counts, capacity, method, tolerance)
-        history.append(
-            {"thresholds": {str(k): v for k, v in thresholds.items()}, "capacity": _overall(counts)}
+    if method == "per_layer":
+        counts, passes = _calibrate_per_layer(model, batches, capacity)
+        worst = max(abs(k - kept_target(capacity, t)) for k, t in counts.values())
+        converged, miss = worst <= 1, f"up to {worst} units in a layer"
+    else:
+        counts, passes, converged, history = _calibrate_global(
+            model, batches, capacity, max_passes, tolerance
         )
-        if best is None or error < best[0]:
-            best = (error, thresholds, counts)
-        if ok:
-            converged = True
-            break
-        if method == "per_layer":
-            new = {i: threshold_for_count(s, kept_target(capacity, s.numel())) for i, s in scores.items()}
-        else:
-            new = _global_step(thresholds, counts, scores, capacity, bracket)
-        set_thresholds(model, new)
-
-    _, thresholds, counts = best
-    set_thresholds(model, thresholds)
+        kept, total = sum(k for k, _ in counts.values()), sum(t for _, t in counts.values())
+        miss = f"{abs(kept - kept_target(capacity, total))} of {total} units"
     if not converged:
         warnings.warn(
-            f"calibration did not reach capacity {capacity:g} within {tolerance} unit(s) in {max_passes} "
-            f"passes (routers with tied scores, e.g. untrained ones, cannot be split finely); kept the "
-            f"closest thresholds: capacity {_overall(counts):.4f}",
+            f"calibration did not reach capacity {capacity:g}: off by {miss} (tied router scores, e.g. of "
+            f"untrained routers, cannot be split); kept the closest thresholds: capacity {_overall(counts):.4f}",
             stacklevel=2,
         )
     return CalibrationResult(
         method=method,
         target_capacity=capacity,
-        thresholds=thresholds,
+        thresholds=_current_thresholds(model),
         calibration=_counts_dict(counts),
-        passes=len(history),
+        passes=passes,
         converged=converged,
         history=history,
     )
 
 
-def _error(
-    counts: dict[int, tuple[int, int]], capacity: float, method: str, tolerance: int
-) -> tuple[float, bool]:
-    """Distance (in units) from the target, and whether it is within tolerance."""
-    if method == "per_layer":
-        misses = [abs(k - kept_target(capacity, t)) for k, t in counts.values()]
-        worst = max(misses)
-        return worst + sum(misses) / (len(misses) * 10**6), worst <= tolerance
-    kept = sum(k for k, _ in counts.values())
-    total = sum(t for _, t in counts.values())
-    miss = abs(kept - kept_target(capacity, total))
-    return float(miss), miss <= tolerance
+def _calibrate_per_layer(
+    model: nn.Module, batches: list, capacity: float
+) -> tuple[dict[int, tuple[int, int]], int]:
+    """Exact per-layer quantiles, layer after layer (see :func:`calibrate_thresholds`).
+
+    Returns:
+        ``({layer: (kept, total)}, passes)`` on the calibration data under the final thresholds.
+    """
+    import torch
+
+    from routertune.model import routed_layers, set_thresholds, track_capacity
+
+    layers = routed_layers(model)
+    single = len(batches) == 1
+    groups = [sorted(layers)] if single else [[i] for i in sorted(layers)]
+    current: dict[str, torch.Tensor] = {}  # padding mask of the batch being run
+    passes = 0
+    for group in groups:
+        # A threshold inside (0, 1] makes each layer score its inputs instead of a fixed decision.
+        set_thresholds(model, {i: 0.5 for i in group})
+        collected: dict[int, list[torch.Tensor]] = {i: [] for i in group}
+
+        def on_scores(router: nn.Module, scores: torch.Tensor, idx: int, collected: dict = collected) -> None:
+            s = scores.detach().float()  # (B,) per sequence or (B, T) per token
+            if s.dim() == 2:
+                s = s[current["valid"].to(s.device)]  # padding tokens are never units
+            s = s.reshape(-1).cpu()
+            if single:  # the whole calibration set is here: decide before the layer acts
+                router.threshold = threshold_for_count(s, kept_target(capacity, s.numel()))
+                return
+            collected[idx].append(s)
+            raise _StopForward
+
+        handles = [
+            layers[i].router.register_forward_hook(lambda m, a, out, i=i: on_scores(m, out, i)) for i in group
+        ]
+        try:
+            with track_capacity(model) as stats:
+                for batch in batches:
+                    current["valid"] = batch["attention_mask"].bool()
+                    try:
+                        run_batches(model, [batch])
+                    except _StopForward:
+                        pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        passes += 1
+        if single:  # record the thresholds in the config; that pass ran every layer with its final one
+            set_thresholds(model, {i: float(layers[i].router.threshold) for i in group})
+            return stats.counts, passes
+        scores = {i: torch.cat(collected[i]) for i in group}
+        set_thresholds(
+            model, {i: threshold_for_count(s, kept_target(capacity, s.numel())) for i, s in scores.items()}
+        )
+    with track_capacity(model) as stats:
+        run_batches(model, batches)
+    return stats.counts, passes + 1
+
+
+def _calibrate_global(
+    model: nn.Module, batches: list, capacity: float, max_passes: int, tolerance: float
+) -> tuple[dict[int, tuple[int, int]], int, bool, list[dict[str, Any]]]:
+    """One threshold for all layers, searched over passes (see :func:`calibrate_thresholds`)."""
+    from routertune.model import set_thresholds
+
+    history: list[dict[str, Any]] = []
+    best: tuple[int, dict[int, float], dict[int, tuple[int, int]]] | None = None
+    bracket = [0.0, 1.0]  # thresholds known to keep too much / too little
+    converged = False
+    for _ in range(max_passes):
+        thresholds = _current_thresholds(model)
+        counts, scores = _record_pass(model, batches)
+        kept, total = sum(k for k, _ in counts.values()), sum(t for _, t in counts.values())
+        miss = abs(kept - kept_target(capacity, total))
+        history.append({"thresholds": {str(k): v for k, v in thresholds.items()}, "capacity": kept / total})
+        if best is None or miss < best[0]:
+            best = (miss, thresholds, counts)
+        if miss <= max(1, int(tolerance * total)):
+            converged = True
+            break
+        set_thresholds(model, _global_step(thresholds, counts, scores, capacity, bracket))
+    _, thresholds, counts = best
+    set_thresholds(model, thresholds)
+    return counts, len(history), converged, history
 
 
 def _global_step(

@@ -61,9 +61,15 @@ def calibrate_command(
     max_length: int = typer.Option(
         512, "--max_length", "--max-length", help="Tokens per example (cut beyond)."
     ),
-    batch_size: int = typer.Option(8, "--batch_size", "--batch-size", help="Examples per forward pass."),
+    batch_size: int | None = typer.Option(
+        None,
+        "--batch_size",
+        "--batch-size",
+        help="Examples per forward pass. Default: the whole calibration set in one pass (per_layer is then "
+        "exact in one forward); a smaller value bounds memory (per_layer then takes one pass per routed layer).",
+    ),
     max_passes: int = typer.Option(
-        8, "--max_passes", "--max-passes", help="Most passes over the calibration data."
+        12, "--max_passes", "--max-passes", help="Most passes over the calibration data (global method)."
     ),
     device: str | None = typer.Option(
         None, "--device", help="cpu, cuda, cuda:1...; default cuda when available."
@@ -79,7 +85,13 @@ def calibrate_command(
         _fail(f"--target_capacity must be in [0, 1]; got {target_capacity:g}")
     if method not in CALIBRATION_METHODS:
         _fail(f"--method must be one of {', '.join(CALIBRATION_METHODS)}; got {method!r}")
-    if n < 1 or n_heldout < 0 or max_length < 1 or batch_size < 1 or max_passes < 1:
+    if (
+        n < 1
+        or n_heldout < 0
+        or max_length < 1
+        or (batch_size is not None and batch_size < 1)
+        or max_passes < 1
+    ):
         _fail("--n, --max_length, --batch_size and --max_passes must be >= 1, --n_heldout >= 0")
 
     from routertune.calibrate import (
@@ -113,9 +125,11 @@ def calibrate_command(
         _fail(str(err))
 
     try:
-        fit_batches = make_batches(tokenizer, fit, batch_size=batch_size, max_length=max_length)
+        fit_batches = make_batches(tokenizer, fit, batch_size=batch_size or len(fit), max_length=max_length)
         heldout_batches = (
-            make_batches(tokenizer, heldout, batch_size=batch_size, max_length=max_length) if heldout else []
+            make_batches(tokenizer, heldout, batch_size=batch_size or 8, max_length=max_length)
+            if heldout
+            else []
         )
         typer.echo(
             f"calibrating {method} thresholds for capacity {target_capacity:g} on {len(fit)} examples from {data}",
