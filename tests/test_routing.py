@@ -7,6 +7,7 @@ import torch
 
 from routertune import GRANULARITIES, RouterConfig, attach_routers, detach_routers
 from routertune.model import (
+    all_units_kept,
     capacity_regularizer,
     routed_layers,
     router_parameters,
@@ -276,3 +277,37 @@ def test_all_units_kept_is_the_dense_model_and_restores_thresholds():
     with torch.no_grad(), all_units_kept(model):
         assert torch.equal(model(ids).logits, ref)
     assert all(layer.router.threshold == 1.5 for layer in routed_layers(model).values())
+
+
+@pytest.mark.parametrize("granularity", ["attn_token", "attn_sequence", "block_token"])
+def test_qwen3_with_qk_norms(granularity):
+    """Qwen3 normalises queries and keys per head: the kept-query path must apply those norms."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(
+        Qwen3Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=VOCAB,
+            pad_token_id=0,
+        )
+    ).eval()
+    ids, mask, _ = left_padded_batch([10, 7, 10], seed=21)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    attach_routers(model, RouterConfig(granularity=granularity, router_layers=2))
+    randomize_routers(model, seed=22)
+    with torch.no_grad(), all_units_kept(model):
+        assert torch.equal(model(ids, attention_mask=mask).logits, ref)
+    with torch.no_grad(), track_capacity(model) as stats:
+        skipped = model(ids, attention_mask=mask).logits
+    assert 0.0 < stats.overall < 1.0
+    model.train()
+    dense = model(ids, attention_mask=mask).logits.detach()
+    valid = mask.bool()
+    torch.testing.assert_close(skipped[valid], dense[valid], rtol=1e-4, atol=1e-4)
