@@ -123,8 +123,8 @@ def test_per_layer_hits_capacity_within_one_unit_per_layer(granularity, capacity
 def test_per_layer_thresholds_do_not_depend_on_batching():
     a, b = routed_model(), routed_model()
     batches = random_batches()
-    ra = calibrate_thresholds(a, batches, 0.5)
-    rb = calibrate_thresholds(b, one_batch(batches), 0.5)
+    ra = calibrate_thresholds(a, batches, 0.5, method="per_layer")
+    rb = calibrate_thresholds(b, one_batch(batches), 0.5, method="per_layer")
     assert ra.calibration["counts"] == rb.calibration["counts"]
     assert ra.thresholds == pytest.approx(rb.thresholds, abs=1e-5)
 
@@ -147,7 +147,7 @@ def test_global_threshold_hits_overall_capacity_within_one_unit(granularity, cap
 def test_calibration_on_other_architectures(arch):
     model = routed_model("attn_sequence", arch=arch)
     batches = random_batches(seed=2)
-    assert calibrate_thresholds(model, batches, 0.5).converged
+    assert calibrate_thresholds(model, batches, 0.5, method="per_layer").converged
     for kept, total in independent_counts(model, batches).values():
         assert abs(kept - kept_target(0.5, total)) <= 1
 
@@ -186,7 +186,7 @@ def test_untrained_routers_cannot_be_split_and_say_so():
     model = tiny_causal_lm("llama", vocab_size=VOCAB)
     attach_routers(model, RouterConfig())  # zero routers: every score is 0.5
     with pytest.warns(UserWarning, match="did not reach capacity 0.5: off by up to 8 units"):
-        result = calibrate_thresholds(model, random_batches(n_batches=2), 0.5)
+        result = calibrate_thresholds(model, random_batches(n_batches=2), 0.5, method="per_layer")
     assert not result.converged
     with pytest.warns(UserWarning, match="did not reach capacity 0.5: off by 32 of 64 units"):
         result = calibrate_thresholds(model, random_batches(n_batches=2), 0.5, method="global", max_passes=2)
@@ -201,7 +201,7 @@ def test_bad_inputs_fail_clearly():
             calibrate_thresholds(model, batches, bad)
     with pytest.raises(CalibrationError, match="empty"):
         calibrate_thresholds(model, [], 0.5)
-    with pytest.raises(CalibrationError, match="method must be one of per_layer, global"):
+    with pytest.raises(CalibrationError, match="method must be one of global, per_layer"):
         calibrate_thresholds(model, batches, 0.5, method="median")
     with pytest.raises(CalibrationError, match="no routers"):
         calibrate_thresholds(tiny_causal_lm("llama", vocab_size=VOCAB), batches, 0.5)
@@ -278,7 +278,7 @@ def test_calibrate_cli_saves_thresholds_and_reports_heldout(tmp_path, cli_setup)
         "--output",
         str(out),
     ]
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, args + ["--method", "per_layer"])
     assert result.exit_code == 0, result.output
     assert "target capacity 0.5000 reached" in result.output
     report = json.loads((out / CALIBRATION_REPORT).read_text())
@@ -294,10 +294,14 @@ def test_calibrate_cli_saves_thresholds_and_reports_heldout(tmp_path, cli_setup)
     assert {str(i): layer.router.threshold for i, layer in routed_layers(fresh).items()} == report[
         "thresholds"
     ]
-    # Default output: in place.
-    result = CliRunner().invoke(app, args[:-2] + ["--method", "global"])
+    # Defaults: global method, in place.
+    result = CliRunner().invoke(app, args[:-2])
     assert result.exit_code == 0, result.output
-    assert json.loads((routers / CALIBRATION_REPORT).read_text())["method"] == "global"
+    report = json.loads((routers / CALIBRATION_REPORT).read_text())
+    assert report["method"] == "global" and len(set(report["thresholds"].values())) == 1
+    kept = sum(c["kept"] for c in report["calibration"]["counts"].values())
+    total = sum(c["total"] for c in report["calibration"]["counts"].values())
+    assert abs(kept - kept_target(0.5, total)) <= max(1, int(0.005 * total))
 
 
 def test_calibrate_cli_bad_inputs(tmp_path, cli_setup):

@@ -10,10 +10,12 @@ A router keeps a unit (a sequence or a token of one layer) iff ``score - thresho
 Calibration records the routers' scores on instruction examples and moves the thresholds to
 score quantiles so that the routed model keeps the requested share of routed units:
 
-* ``per_layer`` (default): every routed layer keeps the share ``C`` of its units; the
-  threshold of layer ``l`` is the quantile ``1 - C`` of that layer's scores.
-* ``global``: one threshold for all routed layers, the quantile ``1 - C`` of all scores
-  pooled; layers whose routers score higher keep more, so compute moves between layers.
+* ``global`` (default): one threshold for all routed layers, the quantile ``1 - C`` of all
+  scores pooled; layers whose routers score higher keep more, so compute moves between
+  layers as the routers prefer. On SmolLM2 it gave a lower held-out loss than ``per_layer``
+  at the same capacity (docs/baselines.md).
+* ``per_layer``: every routed layer keeps the share ``C`` of its units; the threshold of
+  layer ``l`` is the quantile ``1 - C`` of that layer's scores. Exact, and one forward pass.
 
 Skipping a unit changes the hidden states every later layer sees, so the scores of layer
 ``l`` depend on the thresholds of the layers before it (and, for ``global``, of itself).
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-CALIBRATION_METHODS = ("per_layer", "global")
+CALIBRATION_METHODS = ("global", "per_layer")
 # A threshold above 1 skips every unit of its layer (sigmoid scores never exceed 1); the routed
 # layer then takes its no-scoring fast path.
 SKIP_ALL_THRESHOLD = 2.0
@@ -323,7 +325,7 @@ def calibrate_thresholds(
     model: nn.Module,
     batches: list[dict[str, torch.Tensor]],
     target_capacity: float,
-    method: str = "per_layer",
+    method: str = "global",
     max_passes: int = 12,
     tolerance: float = 0.005,
 ) -> CalibrationResult:

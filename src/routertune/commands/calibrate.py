@@ -1,10 +1,10 @@
 """``routertune calibrate``: set router thresholds for a target capacity, without retraining.
 
     routertune calibrate --routers runs/rt --target_capacity 0.5
-    routertune calibrate --routers runs/rt --target_capacity 0.6 --method global --output runs/rt-0.6
+    routertune calibrate --routers runs/rt --target_capacity 0.6 --method per_layer --output runs/rt-0.6
 
-Records the routers' scores on instruction examples, sets per-layer (or one global) score
-quantiles as keep thresholds so that the routed model keeps the requested share of routed
+Records the routers' scores on instruction examples, sets one global (or per-layer) score
+quantile as keep thresholds so that the routed model keeps the requested share of routed
 units, checks the share on held-out examples, and saves the routers with their thresholds
 (``layer_thresholds`` in router_config.json) plus ``calibration.json``. See
 docs/baselines.md for the method and its measurements.
@@ -41,7 +41,9 @@ def calibrate_command(
         DEFAULT_MODEL, "--model", "-m", help="Local Hugging Face folder, built-in name, or hub id."
     ),
     method: str = typer.Option(
-        "per_layer", "--method", help="per_layer: each layer keeps the share; global: one threshold for all."
+        "global",
+        "--method",
+        help="global: one threshold for all routed layers (default); per_layer: each layer keeps the share.",
     ),
     data: str = typer.Option(
         "builtin",
