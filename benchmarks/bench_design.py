@@ -13,7 +13,8 @@
     (gathered, padded to the row with most kept tokens); compared with computing everything and
     masking the update (the seed's way).
 (c) ``overhead``: the cost of having routers at all: dense vs threshold 0 (decided without
-    scoring) vs zero routers at threshold 0.5 (scored every prefill, everything kept).
+    scoring) vs zero routers at threshold 0.5 (scored every prefill, everything kept);
+    ``overhead_micro`` isolates the per-layer Python cost on a model where compute is negligible.
 
 The alternatives are installed by swapping methods of ``routertune.layers`` for the duration of
 one variant; the library itself is untouched. Results: benchmarks/results/bench_design.{json,md}.
@@ -290,6 +291,49 @@ def measure_overhead(model, args, shape) -> list[dict[str, Any]]:
     return out
 
 
+def measure_overhead_micro(model, args, shape) -> list[dict[str, Any]]:
+    """Python-side cost of routed layers, isolated: a 30-layer model of width 64, where a decode
+    step is nothing but per-op overhead. CPU seconds per step, dense vs threshold 0 vs scored
+    zero routers; the difference divided by the layer count is the cost per layer and step."""
+    import time
+
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=30, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128)
+    tiny = LlamaForCausalLM(config).eval()
+    attach_routers(tiny, RouterConfig(router_layers=16))
+    steps = 300
+
+    def per_step(make) -> float:
+        with make(), torch.inference_mode():
+            cache = DynamicCache(config=config)
+            tiny(input_ids=torch.randint(0, 128, (1, 16)), cache=cache, use_cache=True, logits_to_keep=1)
+            token = torch.zeros(1, 1, dtype=torch.long)
+            start = time.process_time()
+            for _ in range(steps):
+                tiny(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+            return (time.process_time() - start) / steps
+
+    variants = {
+        "dense": lambda: routers_detached(tiny),
+        "threshold_0": lambda: all_units_kept(tiny),
+        "scored_all_kept": contextlib.nullcontext,
+    }
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(max(args.repeats, 5)):
+        for name, make in variants.items():
+            samples[name].append(per_step(make))
+    dense = statistics.median(samples["dense"])
+    out = {"layers": 30, "routed_layers": 16, "steps": steps, "dense_us_per_step": dense * 1e6}
+    for name in ("threshold_0", "scored_all_kept"):
+        extra = statistics.median(samples[name]) - dense
+        out[f"{name}_extra_us_per_layer"] = extra / 30 * 1e6
+    print(f"overhead_micro: {out}", file=sys.stderr, flush=True)
+    return [out]
+
+
 def _line(entry: dict[str, Any]) -> str:
     parts = []
     for name, v in entry["variants"].items():
@@ -330,6 +374,15 @@ def markdown(report: dict[str, Any]) -> str:
                     f"| {_opt(v.get('decode_ideal'))} | {v['kv_cache_bytes'] / 2**20:.1f} |"
                 )
         lines.append("")
+    for entry in report["measurements"].get("overhead_micro", []):
+        lines += [
+            "## (c') routing overhead per layer, isolated (30 layers of width 64: a decode step is all overhead)",
+            "",
+            f"dense {entry['dense_us_per_step']:.0f} us CPU per decode step; extra per layer and step: "
+            f"threshold 0 {entry['threshold_0_extra_us_per_layer']:+.2f} us, zero routers scored at "
+            f"threshold 0.5 {entry['scored_all_kept_extra_us_per_layer']:+.2f} us.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -340,7 +393,7 @@ def _opt(x: float | None) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--only", choices=("kv_rows", "token_attn", "overhead"), action="append")
+    parser.add_argument("--only", choices=("kv_rows", "token_attn", "overhead", "overhead_micro"), action="append")
     parser.add_argument("--context", dest="contexts", type=int, action="append")
     parser.add_argument("--new_tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
@@ -360,7 +413,12 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "measurements": {},
     }
-    steps = {"kv_rows": measure_kv_rows, "token_attn": measure_token_attention, "overhead": measure_overhead}
+    steps = {
+        "kv_rows": measure_kv_rows,
+        "token_attn": measure_token_attention,
+        "overhead": measure_overhead,
+        "overhead_micro": measure_overhead_micro,
+    }
     for key in args.only or list(steps):
         report["measurements"][key] = steps[key](model, args, shape)
     import os
