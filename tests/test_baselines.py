@@ -310,3 +310,21 @@ def test_attention_drop_on_the_real_model(tmp_path):
     out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     text = tok.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert text.strip()  # still produces text; quality is measured in docs/baselines.md
+
+
+def test_assistant_loss_matches_the_model_loss():
+    from routertune.baselines import assistant_loss
+    from routertune.calibrate import make_batches
+
+    tok = byte_chat_tokenizer()
+    model = tiny_causal_lm("llama", vocab_size=len(tok))
+    (batch,) = make_batches(tok, chat_examples(3), batch_size=3, max_length=400)
+    assert int((batch["labels"] != -100).sum()) > 20
+    with torch.no_grad():
+        expected = float(model(**batch).loss)
+    assert assistant_loss(model, [batch]) == pytest.approx(expected, rel=1e-5)
+    # Dropping attention changes it; texts without labels cannot be scored.
+    apply_attention_drop(model, {i: 0.0 for i in range(6)}, n_drop=2)
+    assert abs(assistant_loss(model, [batch]) - expected) > 1e-4
+    with pytest.raises(AttentionDropError, match="no assistant token"):
+        assistant_loss(model, make_batches(tok, ["plain text"], batch_size=1))

@@ -249,3 +249,49 @@ def save_attention_drop(model: nn.Module, path: str | Path, report: dict[str, An
         save_routers(model, tmp)
         (tmp / DROP_REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def assistant_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Mean next-token loss (nats) on the assistant tokens of ``batches``, as the model runs now.
+
+    The quality measure of docs/baselines.md: compare the dense, routed, calibrated and
+    dropped models on held-out instruction examples at equal capacity. Logits are computed
+    only at labelled positions (the LM head over every position would dominate the cost).
+
+    Args:
+        model: a causal LM (routed layers skip as they would in generation).
+        batches: from :func:`routertune.calibrate.make_batches` on unified-format examples
+            (they carry ``labels``: -100 outside assistant turns).
+
+    Raises:
+        AttentionDropError: no batch carries labels, or no label is set.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from routertune.arch import base_model
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                if "labels" not in batch:
+                    continue
+                hidden = base_model(model)(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                    use_cache=False,
+                ).last_hidden_state  # (B, T, C)
+                targets = batch["labels"][:, 1:].to(device)  # position t predicts token t + 1
+                chosen = targets != -100
+                logits = model.get_output_embeddings()(hidden[:, :-1][chosen])  # (N, V)
+                total += float(F.cross_entropy(logits.float(), targets[chosen], reduction="sum"))
+                count += int(chosen.sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise AttentionDropError("no assistant token to score: batches need labels (unified-format examples)")
+    return total / count
