@@ -28,7 +28,7 @@ def _root() -> None:
 
 
 # Order is the order shown in --help.
-COMMAND_MODULES = ("quickstart", "generate", "data", "train", "evaluate", "bench", "calibrate", "analyze")
+COMMAND_MODULES = ("quickstart", "generate", "data", "train", "evaluate", "bench", "calibrate", "drop", "analyze")
 
 
 def _register_commands() -> None:

@@ -22,12 +22,6 @@ from routertune.models import DEFAULT_MODEL
 
 def register(app: typer.Typer) -> None:
     app.command("calibrate")(calibrate_command)
-    # `routertune drop` lives in its own module; register it here unless the CLI lists it itself.
-    from routertune import cli
-    from routertune.commands import drop
-
-    if "drop" not in cli.COMMAND_MODULES:
-        drop.register(app)
 
 
 def calibrate_command(
