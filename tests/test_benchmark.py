@@ -258,3 +258,42 @@ def test_cli_routers_for_another_model(tmp_path):
     assert result.exit_code == 1
     assert "were saved for a model with hidden_size=32 and 6 layers" in result.output
     assert "this model has hidden_size=64 and 4 layers" in result.output
+
+
+# ---- the benchmark scripts -------------------------------------------------------------------
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_design_script_alternatives_compute_the_same_and_report(tmp_path):
+    """The compared implementations agree with the library (checked inside) and the report is written."""
+    design = _script("bench_design")
+    out = tmp_path / "design"
+    design.main(["--model", "random:llama-tiny", "--router_layers", "2", "--context", "16", "--new_tokens", "2",
+                 "--repeats", "1", "--warmup", "0", "--threads", "1", "--only", "kv_rows", "--only", "token_attn",
+                 "--out", str(out)])
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert set(report["measurements"]) == {"kv_rows", "token_attn"}
+    kv_rows = report["measurements"]["kv_rows"][0]["variants"]
+    assert set(kv_rows) == {"dense", "zero_kv_rows", "all_rows_kv", "compute_all_mask"}
+    assert kv_rows["all_rows_kv"]["prefill_ideal"] < kv_rows["zero_kv_rows"]["prefill_ideal"]
+    assert "(b) attn_token" in out.with_suffix(".md").read_text()
+
+
+def test_skipping_script_tiny_suite(tmp_path):
+    skipping = _script("bench_skipping")
+    out = tmp_path / "skip"
+    skipping.main(["--suite", "tiny", "--threads", "1", "--warmup", "0", "--out", str(out)])
+    runs = json.loads(out.with_suffix(".json").read_text())["runs"]
+    assert list(runs) == ["tiny"]
+    checks = runs["tiny"]["goals"]["checks"]
+    assert len(checks) == 4 and all(c["measured_over_ideal"] > 0 for c in checks)
+    assert "## tiny: random:llama-tiny" in out.with_suffix(".md").read_text()
