@@ -121,6 +121,8 @@ def bench(
         )
     except (BenchError, RouterConfigError) as err:
         _fail(str(err))
+    except torch.OutOfMemoryError as err:
+        _fail(f"out of memory on {device} ({err}); try a smaller --context/--batch, a smaller model, or --dtype bf16")
     typer.echo(results_table(report))
     if json_path is not None:
         import json
