@@ -281,11 +281,18 @@ def test_design_script_alternatives_compute_the_same_and_report(tmp_path):
                  "--repeats", "1", "--warmup", "0", "--threads", "1", "--only", "kv_rows", "--only", "token_attn",
                  "--out", str(out)])
     report = json.loads(out.with_suffix(".json").read_text())
-    assert set(report["measurements"]) == {"kv_rows", "token_attn"}
-    kv_rows = report["measurements"]["kv_rows"][0]["variants"]
+    assert set(report["runs"]) == {"kv_rows", "token_attn"}
+    assert report["runs"]["kv_rows"]["environment"]["threads"] == 1
+    kv_rows = report["runs"]["kv_rows"]["entries"][0]["variants"]
     assert set(kv_rows) == {"dense", "zero_kv_rows", "all_rows_kv", "compute_all_mask"}
     assert kv_rows["all_rows_kv"]["prefill_ideal"] < kv_rows["zero_kv_rows"]["prefill_ideal"]
     assert "(b) attn_token" in out.with_suffix(".md").read_text()
+    # A later run of one measurement keeps the others.
+    design.main(["--model", "random:llama-tiny", "--router_layers", "2", "--threads", "1", "--repeats", "1",
+                 "--only", "overhead_micro", "--micro_steps", "3", "--out", str(out)])
+    runs = json.loads(out.with_suffix(".json").read_text())["runs"]
+    assert set(runs) == {"kv_rows", "token_attn", "overhead_micro"}
+    assert runs["overhead_micro"]["entries"][0]["layers"] == 30
 
 
 def test_skipping_script_tiny_suite(tmp_path):
