@@ -16,9 +16,9 @@ def register(app: typer.Typer) -> None:
         output_dir: Path = typer.Option(Path("reports/quickstart"), "--output_dir", help="Report folder."),
         granularity: str = typer.Option("attn_sequence", "--granularity", help="Router granularity."),
         router_layers: int = typer.Option(16, "--router_layers", "--mod_n", help="Routed deepest layers."),
-        train_samples: int = typer.Option(1000, "--train_samples", help="Builtin examples to train on."),
-        max_seq_length: int = typer.Option(512, "--max_seq_length", help="Truncate training examples."),
-        learning_rate: float = typer.Option(1e-2, "--learning_rate", help="Router learning rate."),
+        train_samples: int = typer.Option(256, "--train_samples", help="Builtin examples to train on."),
+        max_seq_length: int = typer.Option(256, "--max_seq_length", help="Truncate training examples."),
+        learning_rate: float = typer.Option(0.1, "--learning_rate", help="Router learning rate (SGD)."),
         limit: int = typer.Option(40, "--limit", help="Documents per evaluation task."),
         mmlu_limit: int = typer.Option(1, "--mmlu_limit", help="Documents per MMLU subject (57 subjects)."),
         tasks: str = typer.Option(
