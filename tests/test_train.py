@@ -80,7 +80,7 @@ def saved_router_weights(folder: Path) -> dict[str, torch.Tensor]:
 # ---- router-only ------------------------------------------------------------------------------
 def test_router_only_optimizes_routers_and_nothing_else(tiny, tmp_path):
     cap = Capture()
-    train(tiny, tmp_path / "out", callbacks=[cap])
+    train(tiny, tmp_path / "out", "--optim", "adamw_torch", callbacks=[cap])  # AdamW: it keeps state
     model = cap.model
     routers = router_parameters(model)
     assert len(routers) == 3
@@ -146,6 +146,17 @@ def test_gradient_checkpointing_gives_routers_the_same_updates(tiny, tmp_path):
     for key in plain:
         assert plain[key].abs().sum() > 0
         torch.testing.assert_close(ckpt[key], plain[key], rtol=1e-4, atol=1e-7)
+
+
+def test_router_dir_starts_from_saved_routers(tiny, tmp_path):
+    train(tiny, tmp_path / "first")
+    first = saved_router_weights(tmp_path / "first")
+    # learning rate 0: the routers must come out exactly as they went in
+    results = train(tiny, tmp_path / "again", "--router_dir", str(tmp_path / "first"), "--learning_rate", "0")
+    assert results["router_config"]["layers"] == [2, 3, 4]
+    again = saved_router_weights(tmp_path / "again")
+    for key in first:
+        torch.testing.assert_close(again[key], first[key])
 
 
 # ---- resume, failures -------------------------------------------------------------------------
@@ -289,7 +300,8 @@ def test_distillation_loss_is_finite_and_decreases(tiny, tmp_path):
     # threshold 0.6: every routed attention starts skipped, so the routed model differs from the
     # dense teacher; the KL falls as the routers learn to keep what matters.
     train(tiny, tmp_path / "out", "--loss", "distill", "--threshold", "0.6", "--max_steps", "8",
-          "--learning_rate", "5e-2", "--lr_scheduler_type", "constant", callbacks=[cap])  # fmt: skip
+          "--optim", "adamw_torch", "--learning_rate", "5e-2", "--lr_scheduler_type", "constant",
+          callbacks=[cap])  # fmt: skip
     kl = [log["distill_loss"] for log in cap.logs if "loss" in log]
     assert len(kl) == 8 and all(torch.isfinite(torch.tensor(kl)))
     assert kl[0] > 0
@@ -323,6 +335,19 @@ def test_seed_aliases_and_defaults():
     assert config.training.num_train_epochs == 1.0
     assert parse_args(["--router_only", "False"]).training.router_only is False
     assert parse_args(["--warmup_ratio", "0.1"]).training.warmup_steps == 0.1
+
+
+def test_optimizer_defaults_depend_on_what_is_trained():
+    def optim(argv):
+        t = parse_args(argv).training
+        return str(t.optim.value), t.learning_rate
+
+    assert optim([]) == ("sgd", 0.1)
+    assert optim(["--use_lora"]) == ("adamw_torch", 2e-4)
+    assert optim(["--router_only", "False"]) == ("adamw_torch", 2e-5)
+    assert optim(["--learning_rate", "0.5"]) == ("sgd", 0.5)
+    assert optim(["--optim", "adamw_torch_fused", "--router_only", "False"]) == ("adamw_torch_fused", 2e-5)
+    assert optim(["--learning-rate=0.3", "--use_lora"]) == ("adamw_torch", 0.3)
 
 
 @pytest.mark.parametrize(
@@ -384,3 +409,32 @@ def test_cli_verb_forwards_arguments(tmp_path):
     assert "missing.jsonl: no such file" in result.output
     help_text = CliRunner().invoke(app, ["train", "--help"]).output
     assert "--router_only" in help_text and "--granularity" in help_text and "--learning_rate" in help_text
+
+
+# ---- the real default model -------------------------------------------------------------------
+@pytest.mark.integration
+def test_real_model_router_tuning_few_steps(tmp_path):
+    """SmolLM2-135M-Instruct, 8 builtin examples, 2 steps: routers move, capacity is logged."""
+    out = tmp_path / "out"
+    cap = Capture()
+    argv = [
+        "--data_type", "builtin",
+        "--max_train_samples", "8",
+        "--max_seq_length", "256",
+        "--per_device_train_batch_size", "2",
+        "--max_steps", "2",
+        "--learning_rate", "1e-2",
+        "--logging_steps", "1",
+        "--save_strategy", "no",
+        "--output_dir", str(out),
+        "--use_cpu",
+        "--disable_tqdm", "True",
+    ]  # fmt: skip
+    results = run(parse_args(argv), callbacks=[cap])
+    assert results["steps"] == 2 and 4 <= results["train_examples"] <= 8  # a few lose every label to truncation
+    assert results["router_config"]["router_layers"] == 16
+    logs = [log for log in cap.logs if "loss" in log]
+    assert all(0 < log["lm_loss"] < 10 for log in logs)
+    assert set(k for k in logs[0] if k.startswith("capacity/layer_")) == {f"capacity/layer_{i}" for i in range(13, 29)}
+    weights = saved_router_weights(out)
+    assert len(weights) == 16 and all(w.abs().sum() > 0 for w in weights.values())

@@ -9,6 +9,7 @@ weights are loaded.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,7 +191,13 @@ class RouterTrainingArguments(TrainingArguments):
         default="trained_models/routertune", metadata={"help": "Where routers, checkpoints and metrics go."}
     )
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training data."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    learning_rate: float = field(
+        default=0.1,
+        metadata={
+            "help": "Peak learning rate. Default by what is trained: 0.1 with SGD for routers only (measured on "
+            "SmolLM2, see docs/training.md), 2e-4 with --use_lora, 2e-5 with --router_only False (both AdamW)."
+        },
+    )
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
     warmup_steps: float = field(
         default=0.03, metadata={"help": "Warmup steps, or a share of the steps if < 1."}
@@ -249,21 +256,59 @@ def build_parser() -> HfArgumentParser:
     )
 
 
+# Optimizer defaults by what is trained, used for the flags the user did not give. Routers alone
+# train best with plain SGD here (docs/training.md: Adam's sign-like steps move every router by
+# the same amount and keep flipping whole layers); LoRA and full fine-tuning keep AdamW.
+MODE_DEFAULTS: dict[str, dict[str, object]] = {
+    "router_only": {"optim": "sgd", "learning_rate": 0.1},
+    "lora": {"optim": "adamw_torch", "learning_rate": 2e-4},
+    "full": {"optim": "adamw_torch", "learning_rate": 2e-5},
+}
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Parses command-line flags (or a single ``.json`` file of them) and checks them.
+
+    ``--optim`` and ``--learning_rate`` default by what is trained (:data:`MODE_DEFAULTS`) when
+    they are not given.
 
     Raises:
         TrainArgumentError: for flags that contradict each other or cannot work.
         SystemExit: for unknown flags or bad values (argparse prints the usage).
     """
+    import sys
+
     parser = build_parser()
-    if argv is not None and len(argv) == 1 and argv[0].endswith(".json"):
-        groups = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        path = os.path.abspath(argv[0])
+        groups = parser.parse_json_file(json_file=path)
+        given = set(json.loads(Path(path).read_text()))
     else:
         groups = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
     config = TrainConfig(*groups)
+    apply_mode_defaults(config, given)
     validate(config)
     return config
+
+
+def training_mode(config: TrainConfig) -> str:
+    if config.lora.use_lora:
+        return "lora"
+    return "router_only" if config.training.router_only else "full"
+
+
+def apply_mode_defaults(config: TrainConfig, given: set[str]) -> None:
+    """Sets ``optim`` and ``learning_rate`` from :data:`MODE_DEFAULTS` unless given explicitly."""
+    from transformers.training_args import OptimizerNames
+
+    for name, value in MODE_DEFAULTS[training_mode(config)].items():
+        if name in given:
+            continue
+        if name == "optim":
+            value = OptimizerNames(value)
+        setattr(config.training, name, value)
 
 
 def validate(config: TrainConfig) -> None:

@@ -85,6 +85,7 @@ def run(config: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
         "loss": config.loss.loss,
         "distill_weight": config.loss.distill_weight if config.loss.loss != "lm" else None,
         "learning_rate": t.learning_rate,
+        "optim": str(getattr(t.optim, "value", t.optim)),
         "global_batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps * t.world_size,
         "steps": train_output.global_step,
         "train_metrics": train_output.metrics,
@@ -106,7 +107,7 @@ def run(config: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     return results
 
 
-def build_model(config: TrainConfig, progress: bool = True):
+def build_model(config: TrainConfig, progress: bool = True) -> tuple[Any, Any, Any]:
     """Loads the model, attaches (or loads) routers, freezes by structure, adds LoRA if asked.
 
     Returns:
@@ -160,7 +161,7 @@ def build_model(config: TrainConfig, progress: bool = True):
     return trained, model, tokenizer
 
 
-def add_lora(model, config: TrainConfig):
+def add_lora(model: Any, config: TrainConfig) -> Any:
     """Wraps ``model`` with a LoRA adapter (routers excluded from LoRA, kept trainable)."""
     from peft import LoraConfig, get_peft_model
 
@@ -184,7 +185,7 @@ def add_lora(model, config: TrainConfig):
     return peft_model
 
 
-def resume_checkpoint(t) -> str | None:
+def resume_checkpoint(t: Any) -> str | None:
     """The checkpoint to resume from, following the seed: an explicit ``--resume_from_checkpoint``
     (a folder, or ``true``/``last`` for the newest in output_dir), else the newest checkpoint in
     output_dir unless ``--overwrite_output_dir``.

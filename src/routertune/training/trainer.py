@@ -17,7 +17,6 @@ gradient and no optimizer state is ever created for a frozen weight.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -31,7 +30,6 @@ from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from routertune.io_utils import atomic_write_text
 from routertune.model import (
     CONFIG_NAME,
     all_units_kept,
@@ -44,7 +42,6 @@ from routertune.model import (
 from routertune.training.losses import distill_positions, distillation_kl
 
 TRAINING_ARGS_NAME = "training_args.bin"
-FULL_CHECKPOINT_MARKER = "routertune_full_weights"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -369,7 +366,3 @@ class RouterProgressCallback(ProgressCallback):
         if per_layer:
             line += "\n  kept per layer " + " ".join(per_layer)
         self.training_bar.write(line)
-
-
-def write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
