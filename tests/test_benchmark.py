@@ -304,3 +304,21 @@ def test_skipping_script_tiny_suite(tmp_path):
     checks = runs["tiny"]["goals"]["checks"]
     assert len(checks) == 4 and all(c["measured_over_ideal"] > 0 for c in checks)
     assert "## tiny: random:llama-tiny" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.integration
+def test_real_default_model_bench(tmp_path):
+    """SmolLM2-135M-Instruct through the real CLI: the deepest half of layers 13..28 skip attention."""
+    out = tmp_path / "real.json"
+    result = _bench("--context", "32", "--batch", "2", "--new_tokens", "2", "--repeats", "1", "--warmup", "0",
+                    "--skip_ratio", "0.5", "--device", "cpu", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["model"] == "smollm2-135m-instruct" and report["model_shape"]["num_layers"] == 30
+    assert report["routed_layers"] == list(range(13, 29)) and report["skip"]["layers"] == list(range(21, 29))
+    cell = report["results"][0]
+    assert cell["oracle_layers"] == list(range(21, 29))
+    # 8 of 30 layers store no KV: 2 (K, V) x 3 heads x 64 dims x 4 bytes x 2 rows x (32 + 2 decode steps).
+    per_layer = 2 * 3 * 64 * 4 * 2 * (32 + 2)
+    assert cell["kv_cache_bytes"]["dense"] == 30 * per_layer
+    assert cell["kv_cache_bytes"]["routed"] == cell["kv_cache_bytes"]["oracle"] == 22 * per_layer
