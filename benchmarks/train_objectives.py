@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--capacity", type=float, default=0.9)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "train_objectives.json")
+    parser.add_argument("--merge", action="store_true", help="add these runs to an existing --out report")
     args = parser.parse_args()
 
     import torch
@@ -71,6 +72,14 @@ def main() -> None:
         "dense_loss": lm_loss_and_capacity(model, dataset, collator, args.batch_size)["loss"],
         "runs": {},
     }
+    if args.merge and args.out.is_file():
+        previous = json.loads(args.out.read_text())
+        if (
+            previous.get("held_out") != report["held_out"]
+            or previous.get("matched_capacity") != args.capacity
+        ):
+            raise SystemExit(f"{args.out} was measured on other held-out data or capacity; not merging")
+        report["runs"] = previous["runs"]
     for spec in args.run:
         name, _, folder = spec.partition("=")
         results_file = Path(folder) / "train_results.json"

@@ -5,7 +5,7 @@
 #
 #   bash scripts/finetune_router_tuning.sh
 #   NUM_PROCESSES=4 PORT=29501 bash scripts/finetune_router_tuning.sh
-#   DATA_TYPE=alpaca MOD_N=8 LEARNING_RATE=1e-4 bash scripts/finetune_router_tuning.sh --bf16
+#   DATA_TYPE=alpaca MOD_N=8 GRADIENT_SCALE=0.05 bash scripts/finetune_router_tuning.sh --bf16
 #
 # Every knob below can be edited here or overridden from the environment; arguments after the
 # script name are passed on to routertune.train (e.g. --bf16, --gradient_checkpointing,
@@ -38,15 +38,18 @@ MOD_N="${MOD_N:-16}"                          # router_layers (alias mindskip_n)
 GRANULARITY="${GRANULARITY:-attn_sequence}"   # attn_token / mlp_sequence / mlp_token / block_sequence / block_token
 ROUTER_ONLY="${ROUTER_ONLY:-True}"
 TARGET_CAPACITY="${TARGET_CAPACITY:-0}"       # with GRADIENT_SCALE: skip units worth less than that many nats/token
-GRADIENT_SCALE="${GRADIENT_SCALE:-0.02}"      # 0 = the seed's default (no regulariser): routers then rarely skip
+GRADIENT_SCALE="${GRADIENT_SCALE:-0.02}"      # 0 = the seed's default (no regulariser): routers then skip less
 LOSS="${LOSS:-lm}"                            # lm | distill | lm+distill
 
-# ---- optimisation (the seed: lr 1e-5 for 8B models; see docs/training.md for what works here) ----
-LEARNING_RATE="${LEARNING_RATE:-1e-3}"
+# ---- optimisation ---------------------------------------------------------------------------------
+# Empty LEARNING_RATE / OPTIM = routertune's defaults for what is trained: SGD 0.1 for routers
+# only, AdamW 2e-4 with --use_lora, AdamW 2e-5 for full fine-tuning (the seed: AdamW 1e-5 on 8B
+# models, which barely moves routers; docs/training.md has the measurements).
+LEARNING_RATE="${LEARNING_RATE:-}"
+OPTIM="${OPTIM:-}"
 WEIGHT_DECAY="${WEIGHT_DECAY:-0.}"
 NUM_EPOCHS="${NUM_EPOCHS:-1}"
-TOTAL_BATCH_SIZE="${TOTAL_BATCH_SIZE:-64}"
-BATCH_SIZE_PER_DEVICE="${BATCH_SIZE_PER_DEVICE:-1}"
+TOTAL_BATCH_SIZE="${TOTAL_BATCH_SIZE:-8}"    # the seed: 64; 8 gives 125 router updates on 1000 examples
 
 # ---- processes ----------------------------------------------------------------------------------
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -56,13 +59,15 @@ else
 fi
 NUM_PROCESSES="${NUM_PROCESSES:-$(( DETECTED_GPUS > 0 ? DETECTED_GPUS : 1 ))}"
 PORT="${PORT:-29501}"
+PER_PROCESS=$(( TOTAL_BATCH_SIZE / NUM_PROCESSES ))
+BATCH_SIZE_PER_DEVICE="${BATCH_SIZE_PER_DEVICE:-$(( PER_PROCESS > 0 ? PER_PROCESS : 1 ))}"
 GRADIENT_ACC_STEPS=$(( TOTAL_BATCH_SIZE / NUM_PROCESSES / BATCH_SIZE_PER_DEVICE ))
 if [[ "${GRADIENT_ACC_STEPS}" -lt 1 ]]; then
   echo "WARN: TOTAL_BATCH_SIZE=${TOTAL_BATCH_SIZE} < NUM_PROCESSES x BATCH_SIZE_PER_DEVICE; using 1 accumulation step" >&2
   GRADIENT_ACC_STEPS=1
 fi
 
-OUTPUT_DIR="${OUTPUT_DIR:-${ROOT_PATH}/trained_models/${RUN_NAME}/${DATA_TYPE}/${MAX_TRAIN_SAMPLES}/${GRANULARITY}_epoch${NUM_EPOCHS}_router_layers${MOD_N}_lambda${GRADIENT_SCALE}_target${TARGET_CAPACITY}_lr${LEARNING_RATE}_wd${WEIGHT_DECAY}_${LOSS}}"
+OUTPUT_DIR="${OUTPUT_DIR:-${ROOT_PATH}/trained_models/${RUN_NAME}/${DATA_TYPE}/${MAX_TRAIN_SAMPLES}/${GRANULARITY}_epoch${NUM_EPOCHS}_router_layers${MOD_N}_lambda${GRADIENT_SCALE}_target${TARGET_CAPACITY}_lr${LEARNING_RATE:-default}_wd${WEIGHT_DECAY}_${LOSS}}"
 
 TRAIN_ARGS=(
   --model_name_or_path "${MODEL_NAME_OR_PATH}"
@@ -77,7 +82,6 @@ TRAIN_ARGS=(
   --loss "${LOSS}"
   --per_device_train_batch_size "${BATCH_SIZE_PER_DEVICE}"
   --gradient_accumulation_steps "${GRADIENT_ACC_STEPS}"
-  --learning_rate "${LEARNING_RATE}"
   --lr_scheduler_type cosine
   --warmup_ratio 0.03
   --weight_decay "${WEIGHT_DECAY}"
@@ -87,6 +91,9 @@ TRAIN_ARGS=(
   --save_total_limit 1
   --output_dir "${OUTPUT_DIR}"
 )
+
+if [[ -n "${LEARNING_RATE}" ]]; then TRAIN_ARGS+=(--learning_rate "${LEARNING_RATE}"); fi
+if [[ -n "${OPTIM}" ]]; then TRAIN_ARGS+=(--optim "${OPTIM}"); fi
 
 echo "MODEL_NAME_OR_PATH=${MODEL_NAME_OR_PATH}" >&2
 echo "OUTPUT_DIR=${OUTPUT_DIR}" >&2

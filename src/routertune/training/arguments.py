@@ -74,13 +74,16 @@ class RouterArguments:
     threshold: float = field(
         default=0.5, metadata={"help": "Keep a unit iff sigmoid(router(x)) - threshold >= 0."}
     )
+    # Not the seed's defaults (regulariser off): with it on, routers skip more for less loss
+    # (docs/training.md). gradient_scale reads as "nats per token a unit must be worth to stay on".
     target_capacity: float | None = field(
-        default=None, metadata={"help": "Share of routed units to keep, for the capacity regulariser."}
+        default=0.0, metadata={"help": "Share of routed units to keep, for the capacity regulariser."}
     )
     gradient_scale: float = field(
-        default=0.0,
+        default=0.02,
         metadata={
-            "help": "Weight of the regulariser gradient_scale * relu(capacity - target_capacity); 0 = off."
+            "help": "Weight of the regulariser gradient_scale * relu(capacity - target_capacity); 0 = off "
+            "(the seed's default)."
         },
     )
 
