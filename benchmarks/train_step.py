@@ -1,5 +1,8 @@
 """One router-only training step vs one full fine-tuning step, same model, same batch.
 
+Also a router-only step with every routed unit skipped (threshold 2): training computes skipped
+units anyway (their routers need a gradient), so it should cost what a step at capacity 1 costs.
+
     OMP_NUM_THREADS=1 python benchmarks/train_step.py --repeats 5
     python benchmarks/train_step.py --model ./my-llama --batch_size 4 --max_seq_length 512
 
@@ -29,6 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "train_step.json"
+MODES = ("router", "full", "router_skip_all")
 
 
 def _rss_kb(field: str) -> int:
@@ -54,7 +58,8 @@ def worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     argv = [
         "--model_name_or_path", args.model,
-        "--router_only", str(args.mode == "router"),
+        "--router_only", str(args.mode != "full"),
+        "--threshold", "2.0" if args.mode == "router_skip_all" else "0.5",
         "--granularity", args.granularity,
         "--output_dir", "/tmp/routertune-bench-train-step",
         "--per_device_train_batch_size", str(args.batch_size),
@@ -90,6 +95,8 @@ def worker(args: argparse.Namespace) -> dict:
         peaks.append(_rss_kb("VmHWM"))
     return {
         "mode": args.mode,
+        "optimizer": type(optimizer).__name__,
+        "last_loss": float(trainer.training_step(model, dict(batch))),
         "step_s": times,
         "peak_rss_mb": [p / 1024 for p in peaks],
         "rss_before_step_mb": [b / 1024 for b in before],
@@ -114,7 +121,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="processes per mode, alternating")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per process (after one warm-up)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--worker", choices=["router", "full"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -125,9 +132,9 @@ def main() -> None:
 
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     load_before = uptime()
-    runs: dict[str, list[dict]] = {"router": [], "full": []}
+    runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for r in range(args.repeats):
-        for mode in ("router", "full"):
+        for mode in MODES:
             result = args.out.with_suffix(f".{mode}.{r}.tmp.json")
             cmd = [sys.executable, __file__, "--worker", mode, "--result", str(result)]
             cmd += [
@@ -155,6 +162,8 @@ def main() -> None:
             "median_step_s": statistics.median(times),
             "min_step_s": min(times),
             "median_peak_rss_mb": statistics.median(peaks),
+            "optimizer": rs[0]["optimizer"],
+            "loss_after_timed_steps": rs[0]["last_loss"],
             "trainable_parameters": rs[0]["trainable_parameters"],
             "optimizer_state_tensors": rs[0]["optimizer_state_tensors"],
             "step_s": times,
@@ -174,7 +183,10 @@ def main() -> None:
         "load_after": load_after,
         "router_only": summary["router"],
         "full_finetuning": summary["full"],
+        "router_only_every_unit_skipped": summary["router_skip_all"],
         "ratios": {
+            "time_router_skip_all_over_router_only": summary["router_skip_all"]["median_step_s"]
+            / summary["router"]["median_step_s"],
             "time_full_over_router_only": summary["full"]["median_step_s"]
             / summary["router"]["median_step_s"],
             "peak_memory_full_over_router_only": summary["full"]["median_peak_rss_mb"]

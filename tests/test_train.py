@@ -4,6 +4,7 @@ LoRA, full fine-tuning, the regulariser, distillation, non-finite losses and bad
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -157,6 +158,16 @@ def test_router_dir_starts_from_saved_routers(tiny, tmp_path):
     again = saved_router_weights(tmp_path / "again")
     for key in first:
         torch.testing.assert_close(again[key], first[key])
+
+
+def test_bf16_mixed_precision_trains_float32_routers(tiny, tmp_path):
+    cap = Capture()
+    train(tiny, tmp_path / "out", "--bf16", "--max_steps", "2", callbacks=[cap])
+    assert all(p.dtype == torch.float32 for p in router_parameters(cap.model))
+    losses = [log["lm_loss"] for log in cap.logs if "loss" in log]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    weights = saved_router_weights(tmp_path / "out")
+    assert all(torch.isfinite(w).all() and w.abs().sum() > 0 for w in weights.values())
 
 
 # ---- resume, failures -------------------------------------------------------------------------
