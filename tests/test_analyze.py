@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "baselines"))
 
-from tiny import byte_chat_tokenizer, save_tiny_model, tiny_causal_lm  # noqa: E402
+from baseline_fixtures import byte_chat_tokenizer, save_tiny_model, tiny_causal_lm  # noqa: E402
 
 from routertune import RouterConfig, attach_routers, save_routers  # noqa: E402
 from routertune.analyze import (  # noqa: E402

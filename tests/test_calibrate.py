@@ -12,7 +12,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "baselines"))
 
-from tiny import byte_chat_tokenizer, chat_examples, save_tiny_model, tiny_causal_lm, write_chat_jsonl  # noqa: E402
+from baseline_fixtures import (  # noqa: E402
+    byte_chat_tokenizer,
+    chat_examples,
+    save_tiny_model,
+    tiny_causal_lm,
+    write_chat_jsonl,
+)
 
 from routertune import RouterConfig, attach_routers, load_routers, save_routers  # noqa: E402
 from routertune.calibrate import (  # noqa: E402

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "train"))
 
-from tiny import save_tiny_model, write_chat_jsonl  # noqa: E402
+from train_fixtures import save_tiny_model, write_chat_jsonl  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from routertune import load_routers  # noqa: E402
