@@ -253,6 +253,9 @@ def test_no_eos_and_no_template_is_an_error():
             '{"messages": [{"role": "user", "content": 5}]}',
             r"line 2: messages\[0\] field 'content' must be a string",
         ),
+        ('{"prompt": "Q"}', "line 2: has 'prompt' or 'completion' but not field 'completion'"),
+        ('{"prompt": "Q", "completion": 3}', "line 2: field 'completion' must be a string"),
+        ('{"prompt": "Q", "completion": " "}', "line 2: field 'completion' is empty"),
     ],
 )
 def test_load_messages_jsonl_names_file_and_line(tmp_path: Path, line: str, message: str):
@@ -301,3 +304,16 @@ def test_collator_pad_id_falls_back_to_eos():
     tok = _tiny_tokenizer(None)
     tok.pad_token = None
     assert PaddingCollator.from_tokenizer(tok).pad_token_id == tok.eos_token_id
+
+
+def test_training_files_may_hold_prompt_completion_examples(tmp_path: Path):
+    """The seed's second format reaches the encoder through the same loader as messages files."""
+    from routertune.data import load_training_examples
+
+    path = tmp_path / "pc.jsonl"
+    rows = [{"prompt": "Q: 2+3?", "completion": "5"}, {"messages": CONVERSATION}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = load_training_examples(path)
+    assert examples == rows
+    encoded = encode_example(examples[0], _tiny_tokenizer(CHATML))
+    assert encoded is not None and any(t != IGNORE_INDEX for t in encoded["labels"])

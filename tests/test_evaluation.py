@@ -385,3 +385,35 @@ def test_task_limits_override_the_limit_per_task(model, tokenizer):
     assert out["tasks"]["piqa"]["samples"] == 3 and out["tasks"]["rte"]["samples"] == 2
     with pytest.raises(EvaluationError, match="not evaluated"):
         evaluate(model, tokenizer, tasks=["piqa"], limit=2, task_limits={"mmlu": 1})
+
+
+def test_per_doc_scores_match_the_task_metrics_and_pair_up(model, tokenizer):
+    from routertune.evaluation import EvaluationError, paired_difference
+
+    plain = evaluate(model, tokenizer, ["arc_easy", "mmlu"], limit=4, task_limits={"mmlu": 1}, per_doc=True)
+    arc, mmlu = plain["tasks"]["arc_easy"], plain["tasks"]["mmlu"]
+    assert len(arc["per_doc"]["acc"]) == len(arc["per_doc"]["acc_norm"]) == 4
+    assert sum(arc["per_doc"]["acc_norm"]) / 4 == pytest.approx(arc["acc_norm"])
+    assert len(mmlu["per_doc"]["acc"]) == 57  # one document per subject, all subjects
+    assert sum(mmlu["per_doc"]["acc"]) / 57 == pytest.approx(mmlu["acc"])
+
+    same = paired_difference(plain, plain)
+    assert same["difference"] == 0.0 and same["stderr"] == 0.0
+
+    random_routers(model, "attn_sequence")
+    set_thresholds(model, 2.0)  # every routed attention skipped: a different model
+    skipped = evaluate(model, tokenizer, ["arc_easy", "mmlu"], limit=4, task_limits={"mmlu": 1}, per_doc=True)
+    diff = paired_difference(plain, skipped)
+    expected = (
+        (skipped["tasks"]["arc_easy"]["acc_norm"] - arc["acc_norm"])
+        + (skipped["tasks"]["mmlu"]["acc"] - mmlu["acc"])
+    ) / 2
+    assert diff["difference"] == pytest.approx(expected)
+    assert diff["tasks"]["arc_easy"]["metric"] == "acc_norm" and diff["tasks"]["mmlu"]["documents"] == 57
+    if any(t["disagreements"] for t in diff["tasks"].values()):
+        assert diff["stderr"] > 0
+
+    with pytest.raises(EvaluationError, match="per-document"):
+        paired_difference(plain, evaluate(model, tokenizer, ["arc_easy"], limit=4), tasks=["arc_easy"])
+    with pytest.raises(EvaluationError, match="different documents"):
+        paired_difference(plain, evaluate(model, tokenizer, ["arc_easy"], limit=3, per_doc=True), tasks=["arc_easy"])

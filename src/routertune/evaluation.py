@@ -318,6 +318,7 @@ def evaluate(
     bootstrap_iters: int = 1000,
     random_seed: int = 0,
     task_limits: Mapping[str, int | float] | None = None,
+    per_doc: bool = False,
 ) -> dict[str, Any]:
     """Runs lm-eval on ``model`` itself and returns a JSON-able summary.
 
@@ -340,6 +341,9 @@ def evaluate(
         random_seed: seed for few-shot sampling and lm-eval's RNGs.
         task_limits: per-task overrides of ``limit`` (e.g. ``{"mmlu": 2}``: two documents per
             MMLU subject while other tasks use ``limit``).
+        per_doc: also keep each document's 0/1 scores (``"per_doc": {"acc": [...], "acc_norm":
+            [...]}``, ordered by subtask then document), so that two models evaluated on the
+            same documents can be compared pairwise (see :func:`paired_difference`).
 
     Returns:
         ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "samples",
@@ -391,7 +395,7 @@ def evaluate(
                         limit=task_limits.get(name, limit),
                         task_manager=task_manager,
                         bootstrap_iters=bootstrap_iters,
-                        log_samples=False,
+                        log_samples=per_doc,
                         random_seed=random_seed,
                         numpy_random_seed=random_seed,
                         torch_random_seed=random_seed,
@@ -401,6 +405,8 @@ def evaluate(
                 entry = _task_summary(out, target)
                 entry["seconds"] = round(seconds, 3)
                 entry["capacity"] = stats.as_dict() if stats is not None else None
+                if per_doc:
+                    entry["per_doc"] = _per_doc_scores(out.get("samples", {}))
                 per_task[name] = entry
     finally:
         model.train(was_training)
@@ -495,6 +501,70 @@ def _task_summary(out: dict[str, Any], target: str) -> dict[str, Any]:
     if members:
         entry["subtasks"] = dict(sorted(members.items()))
     return entry
+
+
+def _per_doc_scores(samples: Mapping[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """0/1 scores of every logged document, ordered by (subtask, doc_id), per metric."""
+    scores: dict[str, list[float]] = {}
+    for task in sorted(samples):
+        for sample in sorted(samples[task], key=lambda s: s["doc_id"]):
+            for metric in _METRICS:
+                if metric in sample:
+                    scores.setdefault(metric, []).append(float(sample[metric]))
+    return scores
+
+
+def paired_difference(
+    first: dict[str, Any], second: dict[str, Any], tasks: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """``second - first`` in average accuracy, with a paired standard error.
+
+    Both arguments are :func:`evaluate` results made with ``per_doc=True`` on the same
+    documents. Each task contributes its primary metric (``PRIMARY_METRIC``); the average's
+    difference is the mean of the per-task differences, and its standard error comes from the
+    per-document differences (documents both models get right or wrong add no variance), so it
+    is far smaller than the two accuracies' own standard errors.
+
+    Returns:
+        ``{"difference", "stderr", "tasks": {name: {"difference", "stderr", "documents",
+        "disagreements"}}}`` in accuracy units (0-1).
+
+    Raises:
+        EvaluationError: a task missing from either result, without per-document scores, or
+            evaluated on a different number of documents.
+    """
+    names = list(tasks) if tasks is not None else list(first["tasks"])
+    per_task: dict[str, dict[str, Any]] = {}
+    variance_sum = 0.0
+    for name in names:
+        a, b = first["tasks"].get(name), second["tasks"].get(name)
+        if a is None or b is None or "per_doc" not in a or "per_doc" not in b:
+            raise EvaluationError(f"task {name!r} lacks per-document scores in one of the results (per_doc=True)")
+        metric = PRIMARY_METRIC.get(name) or ("acc_norm" if "acc_norm" in a["per_doc"] else "acc")
+        xa, xb = a["per_doc"].get(metric), b["per_doc"].get(metric)
+        if xa is None or xb is None or len(xa) != len(xb) or not xa:
+            raise EvaluationError(
+                f"task {name!r}: the two results scored different documents ({metric}: "
+                f"{len(xa or [])} vs {len(xb or [])}); evaluate both with the same tasks and limits"
+            )
+        diffs = [y - x for x, y in zip(xa, xb, strict=True)]
+        n = len(diffs)
+        mean = sum(diffs) / n
+        var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+        variance_sum += var / n
+        per_task[name] = {
+            "metric": metric,
+            "difference": mean,
+            "stderr": math.sqrt(var / n),
+            "documents": n,
+            "disagreements": sum(1 for d in diffs if d != 0),
+        }
+    k = len(per_task)
+    return {
+        "difference": sum(t["difference"] for t in per_task.values()) / k if k else None,
+        "stderr": math.sqrt(variance_sum) / k if k else None,
+        "tasks": per_task,
+    }
 
 
 def _average(per_task: dict[str, dict[str, Any]], names: list[str]) -> dict[str, Any]:

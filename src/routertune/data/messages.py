@@ -25,20 +25,23 @@ class DataFormatError(ValueError):
 
 
 def validate_example(obj: Any, where: str) -> dict:
-    """Checks one unified-format example and returns it.
+    """Checks one training example (unified ``messages``, or the seed's ``prompt``/``completion``).
 
     Args:
         obj: the parsed json value of one line.
         where: a human-readable location (``"file.jsonl line 3"``) used in error messages.
 
     Raises:
-        DataFormatError: when ``messages`` is missing or empty, or a message has a bad role/content.
+        DataFormatError: when ``messages`` is missing or empty, a message has a bad role/content,
+            or a prompt/completion example lacks one of its two strings.
     """
     if not isinstance(obj, dict):
         raise DataFormatError(f"{where}: expected a json object, got {type(obj).__name__}")
     messages = obj.get("messages")
+    if messages is None and ("prompt" in obj or "completion" in obj):
+        return _validate_prompt_completion(obj, where)
     if messages is None:
-        raise DataFormatError(f"{where}: missing field 'messages'")
+        raise DataFormatError(f"{where}: missing field 'messages' (or 'prompt' and 'completion')")
     if not isinstance(messages, list):
         raise DataFormatError(f"{where}: field 'messages' must be a list, got {type(messages).__name__}")
     if not messages:
@@ -53,6 +56,18 @@ def validate_example(obj: Any, where: str) -> dict:
             )
         if not isinstance(message.get("content"), str):
             raise DataFormatError(f"{where}: messages[{i}] field 'content' must be a string")
+    return obj
+
+
+def _validate_prompt_completion(obj: dict, where: str) -> dict:
+    """The seed's other training format: a plain ``prompt`` and the ``completion`` learnt from it."""
+    for name in ("prompt", "completion"):
+        if name not in obj:
+            raise DataFormatError(f"{where}: has 'prompt' or 'completion' but not field {name!r}")
+        if not isinstance(obj[name], str):
+            raise DataFormatError(f"{where}: field {name!r} must be a string, got {type(obj[name]).__name__}")
+    if not obj["completion"].strip():
+        raise DataFormatError(f"{where}: field 'completion' is empty (nothing to learn from)")
     return obj
 
 

@@ -1,0 +1,365 @@
+"""The speed/quality dial: average accuracy and speedup at several capacities, routed vs attention drop.
+
+    # evaluate points (each writes results/capacity_curve/<point>.json; two processes share 2 cores)
+    OMP_NUM_THREADS=1 python benchmarks/capacity_curve.py eval --points dense,routed:native,routed:0.75,routed:0.5 &
+    OMP_NUM_THREADS=1 python benchmarks/capacity_curve.py eval --points drop:2,drop:4,drop:6,drop:8 &
+    # time skipping the same shares of attention (alone, on a quiet machine)
+    OMP_NUM_THREADS=1 python benchmarks/capacity_curve.py speed --skips 0,2,4,6,8
+    # merge into results/capacity_curve.{json,md}
+    python benchmarks/capacity_curve.py report
+
+Points:
+  dense          the model without routers.
+  routed:native  the trained routers at their own threshold (0.5).
+  routed:C       the same routers, thresholds calibrated (``global``) so that C of the routed
+                 attention units are kept on the calibration data (the last 64 builtin
+                 examples; none of them trained on, none of them evaluation data).
+  drop:N         attention drop: the N least important of the same 16 candidate layers removed
+                 (importance = 1 - cos(h, h + attn) on the same calibration examples); its
+                 capacity is exactly 1 - N/16 on every input.
+
+Every point is evaluated on the same documents (the first ``--limit`` of each offline task,
+``--mmlu_limit`` per MMLU subject) with per-document scores, so the report gives paired
+differences and their standard errors (documents both models score the same add no variance).
+The routed model's capacity is the one measured during its own evaluation.
+
+Speed: ``run_benchmark`` with ``skip_ratio = N/16`` (the deepest N routed attention layers skip
+on every input), dense vs routed interleaved, medians of repeats. Skipping N attention layers
+costs the same whichever N they are, so the row for N is the speed of attention drop N and of a
+routed model at capacity 1 - N/16; the FLOP-ideal speedup at each routed point's measured
+per-layer capacity is reported beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+POINTS_DIR = Path(os.environ.get("CAPACITY_CURVE_DIR", RESULTS / "capacity_curve"))
+DEFAULT_ROUTERS = RESULTS / "routers-smollm2-attn_sequence"
+MODEL = "smollm2-135m-instruct"
+
+
+def _load_model():
+    from routertune.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(MODEL)
+
+
+def _calibration_examples() -> list[dict]:
+    from routertune.calibrate import calibration_split
+
+    fit, _ = calibration_split("builtin")
+    return fit
+
+
+def _compact(result: dict[str, Any]) -> dict[str, Any]:
+    """Per-document 0/1 scores as strings ("0110..."): a point file stays small and diffable."""
+    for entry in result["tasks"].values():
+        if "per_doc" in entry:
+            entry["per_doc"] = {m: "".join(str(int(v)) for v in xs) for m, xs in entry["per_doc"].items()}
+    return result
+
+
+def _expand(result: dict[str, Any]) -> dict[str, Any]:
+    for entry in result["tasks"].values():
+        if "per_doc" in entry:
+            entry["per_doc"] = {m: [float(c) for c in xs] for m, xs in entry["per_doc"].items()}
+    return result
+
+
+def _prepare(model, tokenizer, point: str, routers: Path) -> dict[str, Any]:
+    """Puts ``model`` (plain on entry) into the state ``point`` names; returns what was done."""
+    from routertune import load_routers
+    from routertune.baselines import apply_attention_drop, attention_importance, candidate_layers
+    from routertune.calibrate import calibrate_thresholds, make_batches
+
+    kind, _, arg = point.partition(":")
+    if kind == "dense":
+        return {}
+    if kind == "routed":
+        load_routers(model, routers)
+        if arg == "native":
+            return {"routers": str(routers), "thresholds": "as trained"}
+        batches = make_batches(tokenizer, _calibration_examples())
+        result = calibrate_thresholds(model, batches, float(arg), method="global")
+        return {"routers": str(routers), "calibration": result.to_dict()}
+    if kind == "drop":
+        candidates = candidate_layers(model)
+        importance = attention_importance(model, tokenizer, _calibration_examples(), layers=candidates)
+        dropped = apply_attention_drop(model, importance, n_drop=int(arg), candidates=candidates)
+        return {"candidates": candidates, "dropped": dropped, "importance": {str(k): v for k, v in importance.items()}}
+    raise SystemExit(f"unknown point {point!r}: dense, routed:native, routed:<capacity>, drop:<layers>")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from routertune import detach_routers
+    from routertune.evaluation import evaluate
+    from routertune.model import get_router_config
+
+    torch.set_num_threads(args.threads)
+    POINTS_DIR.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = _load_model()
+    for point in args.points.split(","):
+        out = POINTS_DIR / f"{point.replace(':', '-')}.json"
+        if out.exists() and not args.force:
+            print(f"{point}: {out} exists, skipped")
+            continue
+        if get_router_config(model) is not None:
+            detach_routers(model)
+        start = time.time()
+        setup = _prepare(model, tokenizer, point, Path(args.routers))
+        result = evaluate(
+            model,
+            tokenizer,
+            limit=args.limit,
+            task_limits={"mmlu": args.mmlu_limit},
+            batch_size=args.batch_size,
+            per_doc=True,
+        )
+        record = {
+            "point": point,
+            "setup": setup,
+            "eval": _compact(result),
+            "seconds": round(time.time() - start, 1),
+            "threads": args.threads,
+            "load_average": os.getloadavg(),
+        }
+        if result["capacity"]:
+            record["ideal_speedup_512"] = _ideal(model.config, result["capacity"]["per_layer"], 512)
+        from routertune.io_utils import atomic_write_text
+
+        atomic_write_text(out, json.dumps(record, indent=1) + "\n")
+        cap = result["capacity"]["overall"] if result["capacity"] else 1.0
+        print(f"{point}: average {result['average']['value']:.4f} capacity {cap:.3f} ({record['seconds']} s)", flush=True)
+
+
+def cmd_speed(args: argparse.Namespace) -> None:
+    from routertune import RouterConfig, attach_routers
+    from routertune.benchmark import BenchSettings, run_benchmark
+
+    torch.set_num_threads(args.threads)
+    model, _ = _load_model()
+    attach_routers(model, RouterConfig(granularity="attn_sequence"))
+    n_routed = 16
+    rows = []
+    for skip in (int(s) for s in args.skips.split(",")):
+        settings = BenchSettings(
+            contexts=tuple(int(c) for c in args.contexts.split(",")),
+            batches=(1,),
+            new_tokens=args.new_tokens,
+            repeats=args.repeats,
+            variants=("dense", "routed"),
+            skip_ratio=skip / n_routed,
+        )
+        report = run_benchmark(model, settings, name=MODEL)
+        for cell in report["results"]:
+            rows.append(
+                {
+                    "skipped_layers": skip,
+                    "capacity": 1 - skip / n_routed,
+                    "context": cell["context"],
+                    "batch": cell["batch"],
+                    "speedup": cell["speedup"],
+                    "kv_cache_bytes": {v: cell["variants"][v].get("kv_cache_bytes") for v in ("dense", "routed")},
+                }
+            )
+            sp = cell["speedup"]
+            print(
+                f"skip {skip}: ctx {cell['context']} prefill {sp['prefill']['measured']:.3f} "
+                f"(ideal {sp['prefill']['ideal']:.3f}) decode {sp['decode']['measured']:.3f} "
+                f"(ideal {sp['decode']['ideal']:.3f})",
+                flush=True,
+            )
+    from routertune.io_utils import atomic_write_text
+
+    POINTS_DIR.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(
+        POINTS_DIR / "speed.json",
+        json.dumps({"rows": rows, "environment": report["environment"], "threads": args.threads}, indent=1) + "\n",
+    )
+
+
+def _points() -> dict[str, dict[str, Any]]:
+    points = {}
+    for path in sorted(POINTS_DIR.glob("*.json")):
+        if path.name != "speed.json":
+            record = json.loads(path.read_text())
+            record["eval"] = _expand(record["eval"])
+            points[record["point"]] = record
+    return points
+
+
+def _ideal(config: Any, per_layer: dict[str, float], context: int) -> dict[str, float]:
+    """FLOP-ideal speedup of prefilling ``context`` tokens and decoding 32, at these capacities."""
+    from routertune.flops import ModelShape, ideal_speedup
+
+    shape = ModelShape.from_config(config)
+    caps = {int(k): v for k, v in per_layer.items()}
+    return {
+        phase: ideal_speedup(shape, "attn_sequence", caps, phase, context, 1, 32 if phase == "decode" else 1)
+        for phase in ("prefill", "decode")
+    }
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from routertune.evaluation import paired_difference
+    from routertune.io_utils import atomic_write_text
+
+    points = _points()
+    if "dense" not in points:
+        raise SystemExit("no dense point yet: run `eval --points dense` first")
+    dense = points["dense"]["eval"]
+    speed_path = POINTS_DIR / "speed.json"
+    speed = json.loads(speed_path.read_text())["rows"] if speed_path.exists() else []
+
+    def speed_at(skip: int, context: int) -> dict[str, Any] | None:
+        return next((r for r in speed if r["skipped_layers"] == skip and r["context"] == context), None)
+
+    summary = []
+    for name, record in points.items():
+        ev = record["eval"]
+        cap = ev["capacity"]["overall"] if ev["capacity"] else 1.0
+        row: dict[str, Any] = {
+            "point": name,
+            "capacity": cap,
+            "average": ev["average"]["value"],
+            "per_task": {t: e.get(ev["average"]["metric_per_task"].get(t, "acc")) for t, e in ev["tasks"].items()},
+            "documents": sum(e["samples"] for e in ev["tasks"].values()),
+            "eval_seconds": record["seconds"],
+        }
+        if name != "dense":
+            row["vs_dense"] = {k: v for k, v in paired_difference(dense, ev).items() if k != "tasks"}
+        if "ideal_speedup_512" in record:
+            row["ideal_speedup_512"] = record["ideal_speedup_512"]
+        skip = round((1 - cap) * 16)
+        for context in (512, 2048):
+            measured = speed_at(skip, context)
+            if measured is not None:
+                row[f"speed_{context}"] = {
+                    "skipped_layers": skip,
+                    "prefill": measured["speedup"]["prefill"]["measured"],
+                    "decode": measured["speedup"]["decode"]["measured"],
+                    "prefill_ideal": measured["speedup"]["prefill"]["ideal"],
+                    "decode_ideal": measured["speedup"]["decode"]["ideal"],
+                }
+        summary.append(row)
+    summary.sort(key=lambda r: (r["point"] != "dense", -r["capacity"], r["point"]))
+
+    # routed vs attention drop at (nearly) the same compute
+    comparisons = []
+    drops = {n: p for n, p in points.items() if n.startswith("drop:")}
+    for name, record in points.items():
+        if not name.startswith("routed:"):
+            continue
+        cap = record["eval"]["capacity"]["overall"]
+        nearest = min(drops, key=lambda n: abs((1 - int(n.split(":")[1]) / 16) - cap), default=None)
+        if nearest is None:
+            continue
+        diff = paired_difference(drops[nearest]["eval"], record["eval"])
+        comparisons.append(
+            {
+                "routed": name,
+                "routed_capacity": cap,
+                "drop": nearest,
+                "drop_capacity": 1 - int(nearest.split(":")[1]) / 16,
+                "routed_minus_drop": diff["difference"],
+                "stderr": diff["stderr"],
+            }
+        )
+
+    data = {
+        "schema": "routertune.capacity_curve/1",
+        "model": MODEL,
+        "settings": dense["settings"],
+        "points": summary,
+        "routed_vs_drop": comparisons,
+        "speed": speed,
+    }
+    atomic_write_text(POINTS_DIR.parent / f"{POINTS_DIR.name}.json", json.dumps(data, indent=1) + "\n")
+    atomic_write_text(POINTS_DIR.parent / f"{POINTS_DIR.name}.md", _markdown(data))
+    print(_markdown(data))
+
+
+def _markdown(data: dict[str, Any]) -> str:
+    pts = data["points"]
+    tasks = list(pts[0]["per_task"])
+    lines = [
+        f"# Capacity curve: {data['model']}",
+        "",
+        "Written by `benchmarks/capacity_curve.py report`; the method and the commands are in that",
+        "script's docstring, the discussion in docs/benchmarks.md.",
+        "",
+        f"Documents per point: {pts[0]['documents']} (limit {data['settings']['limit']} per task, "
+        f"{data['settings']['task_limits']} per MMLU subject). Average = mean of each task's primary "
+        "metric (acc_norm for ARC, HellaSwag, OpenBookQA, PIQA; acc otherwise), in points (x100). "
+        "Differences vs dense are paired over the same documents; +- is one standard error.",
+        "",
+        "| point | capacity | average | vs dense | prefill 512 | decode 512 | FLOP ideal 512 (prefill/decode) | prefill 2048 | decode 2048 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in pts:
+        vs = r.get("vs_dense")
+        vs_s = f"{100 * vs['difference']:+.2f} +- {100 * vs['stderr']:.2f}" if vs else ""
+        s512, s2048 = r.get("speed_512"), r.get("speed_2048")
+        ideal = r.get("ideal_speedup_512")
+        lines.append(
+            f"| {r['point']} | {r['capacity']:.3f} | {100 * r['average']:.2f} | {vs_s} | "
+            + (f"{s512['prefill']:.3f}x | {s512['decode']:.3f}x | " if s512 else "| | ")
+            + (f"{ideal['prefill']:.3f}x / {ideal['decode']:.3f}x | " if ideal else "1 / 1 | ")
+            + (f"{s2048['prefill']:.3f}x | {s2048['decode']:.3f}x |" if s2048 else " | |")
+        )
+    lines += [
+        "",
+        "Measured speedups are for skipping round((1 - capacity) x 16) routed attention layers on every",
+        "input (batch 1, 32 decode steps, median of repeats, dense and skipping interleaved); FLOP ideal",
+        "is at the point's own measured per-layer capacity.",
+        "",
+        "## Routed vs attention drop at (nearly) the same compute",
+        "",
+        "| routed | capacity | drop | capacity | routed - drop (points) |",
+        "|---|---|---|---|---|",
+    ]
+    for c in data["routed_vs_drop"]:
+        lines.append(
+            f"| {c['routed']} | {c['routed_capacity']:.3f} | {c['drop']} | {c['drop_capacity']:.3f} | "
+            f"{100 * c['routed_minus_drop']:+.2f} +- {100 * c['stderr']:.2f} |"
+        )
+    lines += ["", "## Per task", "", "| point | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for r in pts:
+        lines.append(f"| {r['point']} | " + " | ".join(f"{100 * r['per_task'][t]:.1f}" for t in tasks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("eval")
+    ev.add_argument("--points", required=True)
+    ev.add_argument("--routers", default=str(DEFAULT_ROUTERS))
+    ev.add_argument("--limit", type=int, default=200)
+    ev.add_argument("--mmlu_limit", type=int, default=4)
+    ev.add_argument("--batch_size", type=int, default=8)
+    ev.add_argument("--threads", type=int, default=1)
+    ev.add_argument("--force", action="store_true", help="re-evaluate points that already have a file")
+    sp = sub.add_parser("speed")
+    sp.add_argument("--skips", default="0,2,4,6,8")
+    sp.add_argument("--contexts", default="512,2048")
+    sp.add_argument("--new_tokens", type=int, default=32)
+    sp.add_argument("--repeats", type=int, default=5)
+    sp.add_argument("--threads", type=int, default=1)
+    sub.add_parser("report")
+    args = parser.parse_args(argv)
+    {"eval": cmd_eval, "speed": cmd_speed, "report": cmd_report}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
