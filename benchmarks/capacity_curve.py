@@ -109,7 +109,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     POINTS_DIR.mkdir(parents=True, exist_ok=True)
     model, tokenizer = _load_model()
     for point in args.points.split(","):
-        out = POINTS_DIR / f"{point.replace(':', '-')}.json"
+        label = point if args.route_on == "context" or not point.startswith("routed") else f"{point}@all"
+        out = POINTS_DIR / f"{label.replace(':', '-').replace('@', '-')}.json"
         if out.exists() and not args.force:
             print(f"{point}: {out} exists, skipped")
             continue
@@ -124,9 +125,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
             task_limits={"mmlu": args.mmlu_limit},
             batch_size=args.batch_size,
             per_doc=True,
+            route_on=args.route_on,
         )
         record = {
-            "point": point,
+            "point": label,
+            "route_on": args.route_on,
             "setup": setup,
             "eval": _compact(result),
             "seconds": round(time.time() - start, 1),
@@ -139,7 +142,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
         atomic_write_text(out, json.dumps(record, indent=1) + "\n")
         cap = result["capacity"]["overall"] if result["capacity"] else 1.0
-        print(f"{point}: average {result['average']['value']:.4f} capacity {cap:.3f} ({record['seconds']} s)", flush=True)
+        print(f"{label}: average {result['average']['value']:.4f} capacity {cap:.3f} ({record['seconds']} s)", flush=True)
 
 
 def cmd_speed(args: argparse.Namespace) -> None:
@@ -345,11 +348,17 @@ def main(argv: list[str] | None = None) -> None:
     ev = sub.add_parser("eval")
     ev.add_argument("--points", required=True)
     ev.add_argument("--routers", default=str(DEFAULT_ROUTERS))
-    ev.add_argument("--limit", type=int, default=200)
-    ev.add_argument("--mmlu_limit", type=int, default=4)
+    ev.add_argument("--limit", type=int, default=100)
+    ev.add_argument("--mmlu_limit", type=int, default=2)
     ev.add_argument("--batch_size", type=int, default=8)
     ev.add_argument("--threads", type=int, default=1)
     ev.add_argument("--force", action="store_true", help="re-evaluate points that already have a file")
+    ev.add_argument(
+        "--route_on",
+        default="context",
+        choices=("context", "all"),
+        help="what sequence routers decide on in lm-eval requests; 'all' points are labelled <point>@all",
+    )
     sp = sub.add_parser("speed")
     sp.add_argument("--skips", default="0,2,4,6,8")
     sp.add_argument("--contexts", default="512,2048")

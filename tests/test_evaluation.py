@@ -113,8 +113,8 @@ def middle_threshold(scores: torch.Tensor) -> float:
     return float((s[j] + s[j + 1]) / 2)
 
 
-def loglikelihoods(lm_class, model, tokenizer, instances, batch_size: int):
-    lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+def loglikelihoods(lm_class, model, tokenizer, instances, batch_size: int, **kwargs):
+    lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
     out = lm.loglikelihood(instances, disable_tqdm=True)
     return torch.tensor([ll for ll, _ in out], dtype=torch.float64), [greedy for _, greedy in out]
 
@@ -146,7 +146,8 @@ def test_routed_loglikelihoods_do_not_depend_on_batch_size(model, tokenizer, tas
     results, counts = {}, {}
     for batch_size in (1, 4):
         with track_capacity(model) as stats:
-            results[batch_size] = loglikelihoods(MaskedHFLM, model, tokenizer, instances, batch_size)
+            # route_on="all": the stock HFLM below routes on context + continuation too
+            results[batch_size] = loglikelihoods(MaskedHFLM, model, tokenizer, instances, batch_size, route_on="all")
         counts[batch_size] = stats.counts
     torch.testing.assert_close(results[1][0], results[4][0], atol=1e-4, rtol=0)
     assert results[1][1] == results[4][1]
@@ -161,6 +162,40 @@ def test_routed_loglikelihoods_do_not_depend_on_batch_size(model, tokenizer, tas
         stock_4 = loglikelihoods(HFLM, model, tokenizer, instances, batch_size=4)[0]
         torch.testing.assert_close(stock_1, results[1][0], atol=1e-4, rtol=0)  # no padding at batch 1
         assert (stock_1 - stock_4).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("granularity", ["attn_sequence", "block_sequence"])
+def test_context_routing_scores_like_prefill_then_continuation(model, tokenizer, task_manager, granularity):
+    """route_on="context" (default) scores each request as generation would compute it: the
+    context prefilled (routes decided there), then the continuation through the cache."""
+    from transformers import DynamicCache
+
+    instances = requests_for(task_manager, {"arc_easy": 3, "winogrande": 2})
+    random_routers(model, granularity)
+    with router_probabilities(model) as recorder:
+        loglikelihoods(MaskedHFLM, model, tokenizer, instances, batch_size=1)
+    set_thresholds(model, {i: middle_threshold(s) for i, s in recorder.per_layer().items()})
+    ours, _ = loglikelihoods(MaskedHFLM, model, tokenizer, instances, batch_size=4)
+
+    lm = MaskedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    expected = []
+    for instance in instances:
+        ctx_ids, cont_ids = lm._encode_pair(*instance.args)
+        with torch.no_grad():
+            cache = DynamicCache(config=model.config)
+            logits = model(torch.tensor([ctx_ids]), cache=cache, use_cache=True).logits[:, -1:]
+            if len(cont_ids) > 1:
+                rest = model(torch.tensor([cont_ids[:-1]]), cache=cache, use_cache=True).logits
+                logits = torch.cat([logits, rest], dim=1)
+        logprobs = logits[0].log_softmax(-1).gather(1, torch.tensor(cont_ids).unsqueeze(1))
+        expected.append(float(logprobs.sum()))
+    torch.testing.assert_close(ours, torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=0)
+
+    with torch.no_grad():
+        routed_on_all, _ = loglikelihoods(MaskedHFLM, model, tokenizer, instances, batch_size=4, route_on="all")
+    assert (routed_on_all - ours).abs().max() > 1e-3, "routing on the answer as well changes some scores"
+    with pytest.raises(EvaluationError, match="route_on"):
+        MaskedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, route_on="answer")
 
 
 def test_threshold_zero_routers_give_exactly_the_plain_results(model, tokenizer, task_manager):

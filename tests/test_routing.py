@@ -311,3 +311,30 @@ def test_qwen3_with_qk_norms(granularity):
     dense = model(ids, attention_mask=mask).logits.detach()
     valid = mask.bool()
     torch.testing.assert_close(skipped[valid], dense[valid], rtol=1e-4, atol=1e-4)
+
+
+def test_routing_mask_decides_sequences_on_the_chosen_tokens():
+    """routing_mask: sequence routers average over the masked tokens only (padding excluded);
+    an all-ones mask changes nothing; a row that selects nothing falls back to all its tokens."""
+    from routertune.model import router_probabilities
+
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(granularity="attn_sequence", router_layers=2))
+    randomize_routers(model, seed=3)
+    ids, mask, seqs = left_padded_batch([9, 6], seed=4)
+    prefix = 4
+    routing = torch.zeros_like(mask)
+    routing[0, -9 : -9 + prefix] = 1  # row 0: its first 4 real tokens
+    with torch.no_grad(), router_probabilities(model) as rec:
+        model(ids, attention_mask=mask, routing_mask=routing)  # row 1 selects nothing: all its tokens
+        model(seqs[0][:prefix].unsqueeze(0))
+        model(seqs[1].unsqueeze(0))
+    for scores in rec.per_layer().values():
+        torch.testing.assert_close(scores[0], scores[2], rtol=1e-5, atol=1e-6)  # the prefix alone
+        torch.testing.assert_close(scores[1], scores[3], rtol=1e-5, atol=1e-6)  # fallback
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask).logits
+        ones = model(ids, attention_mask=mask, routing_mask=torch.ones_like(mask)).logits
+    torch.testing.assert_close(plain, ones, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="routing_mask must be a 2-D"):
+        model(ids, attention_mask=mask, routing_mask=torch.ones(9))

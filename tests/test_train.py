@@ -137,6 +137,37 @@ def test_logs_lm_loss_regulariser_and_capacity_per_layer(tiny, tmp_path):
     assert step_logs[-1]["capacity"] < 1.0
 
 
+def test_prompt_routing_masks_cover_the_tokens_before_the_first_answer_token():
+    from routertune.data import PaddingCollator
+    from routertune.data.encode import IGNORE_INDEX
+    from routertune.training.data import prompt_routing_mask
+
+    labels = [IGNORE_INDEX] * 3 + [7, 8] + [IGNORE_INDEX] + [9]
+    assert prompt_routing_mask(labels) == [1, 1, 1, 0, 0, 0, 0]
+    assert prompt_routing_mask([IGNORE_INDEX] * 2) == [1, 1]
+    batch = PaddingCollator(pad_token_id=0)(
+        [
+            {"input_ids": [5] * 7, "labels": labels, "routing_mask": prompt_routing_mask(labels)},
+            {"input_ids": [5] * 2, "labels": [IGNORE_INDEX, 4], "routing_mask": [1, 0]},
+        ]
+    )
+    assert batch["routing_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0]]
+
+
+def test_route_on_prompt_trains_routers_that_decide_on_the_prompt(tiny, tmp_path):
+    """With --route_on prompt the routers see only the prompt, so they train differently from
+    routing on the whole conversation, and the held-out evaluation routes the same way."""
+    runs = {}
+    for route_on in ("all", "prompt"):
+        out = tmp_path / route_on
+        results = train(tiny, out, "--route_on", route_on, "--validation_samples", "8")
+        runs[route_on] = (saved_router_weights(out), results)
+    assert any(
+        not torch.equal(runs["all"][0][name], runs["prompt"][0][name]) for name in runs["all"][0]
+    ), "routing on the prompt alone should change the router updates"
+    assert math.isfinite(runs["prompt"][1]["validation"]["routed"]["loss"])
+
+
 def test_gradient_checkpointing_gives_routers_the_same_updates(tiny, tmp_path):
     # frozen embeddings + checkpointed layers: the LM gradient must still reach the routers
     cap = Capture()
@@ -405,6 +436,7 @@ def test_bad_data_fails_before_the_model_is_loaded(tmp_path, content, match, cap
         (["--target_capacity", "1.5"], r"target_capacity must be in \[0, 1\]"),
         (["--use_lora", "--router_only", "False"], "cannot be combined"),
         (["--distill_weight", "-1"], "--distill_weight must be >= 0"),
+        (["--route_on", "answer"], "--route_on must be 'all' or 'prompt'"),
     ],
 )
 def test_bad_flags_are_reported(argv, match):

@@ -30,6 +30,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
+from routertune.model import ROUTING_MASK_ARG
 from routertune.tasks import (
     DEFAULT_TASKS,
     MMLU_CATEGORIES,
@@ -67,6 +68,16 @@ class UnknownTaskError(EvaluationError):
 # --------------------------------------------------------------------------------------------
 # lm-eval model wrapper
 # --------------------------------------------------------------------------------------------
+ROUTE_ON = ("context", "all")
+
+
+def _has_sequence_routers(model: torch.nn.Module) -> bool:
+    from routertune.model import get_router_config
+
+    config = get_router_config(model)
+    return config is not None and config.unit == "sequence"
+
+
 class MaskedHFLM(HFLM):
     """lm-eval's HFLM whose log-likelihood forwards carry the padding mask.
 
@@ -76,7 +87,19 @@ class MaskedHFLM(HFLM):
     context + continuation[:-1]), and scored the same way: sum of the continuation tokens'
     log-probabilities and whether each is the greedy token. Logits are computed only at the
     positions that score continuations (``logits_to_keep``), when the model supports it.
+
+    Sequence routers decide on the context alone (``route_on="context"``, the default), as in
+    generation, where the prompt is prefilled and routed before any answer token exists: every
+    answer choice of a question is then scored by the same sub-network, and the score is the
+    one a deployed routed model would give. ``route_on="all"`` decides on context +
+    continuation (the seed's evaluation).
     """
+
+    def __init__(self, *args: Any, route_on: str = "context", **kwargs: Any) -> None:
+        if route_on not in ROUTE_ON:
+            raise EvaluationError(f"route_on must be one of {ROUTE_ON}; got {route_on!r}")
+        super().__init__(*args, **kwargs)
+        self.route_on = route_on
 
     def _loglikelihood_tokens(
         self,
@@ -163,6 +186,11 @@ class MaskedHFLM(HFLM):
         ends = [len(w) for w in windows]
         lo, hi = min(starts), max(ends)
         kwargs: dict[str, Any] = {"use_cache": False}
+        if self.route_on == "context" and _has_sequence_routers(self.model):
+            routing_mask = torch.zeros((B, T), dtype=torch.long)
+            for i, s in enumerate(starts):
+                routing_mask[i, : s + 1] = 1  # the context's tokens inside this window
+            kwargs[ROUTING_MASK_ARG] = routing_mask.to(self.device)
         if self._supports_logits_to_keep():
             kwargs["logits_to_keep"] = torch.arange(lo, hi, device=self.device)
             offset = lo
@@ -319,6 +347,7 @@ def evaluate(
     random_seed: int = 0,
     task_limits: Mapping[str, int | float] | None = None,
     per_doc: bool = False,
+    route_on: str = "context",
 ) -> dict[str, Any]:
     """Runs lm-eval on ``model`` itself and returns a JSON-able summary.
 
@@ -344,6 +373,8 @@ def evaluate(
         per_doc: also keep each document's 0/1 scores (``"per_doc": {"acc": [...], "acc_norm":
             [...]}``, ordered by subtask then document), so that two models evaluated on the
             same documents can be compared pairwise (see :func:`paired_difference`).
+        route_on: what sequence routers decide on: ``"context"`` (the prompt, as in
+            generation; default) or ``"all"`` (context + continuation). See ``MaskedHFLM``.
 
     Returns:
         ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "samples",
@@ -377,8 +408,14 @@ def evaluate(
 
     router_config = get_router_config(model)
     was_training = model.training  # HFLM switches the model to eval mode
+    if route_on not in ROUTE_ON:
+        raise EvaluationError(f"route_on must be one of {ROUTE_ON}; got {route_on!r}")
     lm = MaskedHFLM(
-        pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size, max_length=max_length
+        pretrained=model,
+        tokenizer=copy.deepcopy(tokenizer),
+        batch_size=batch_size,
+        max_length=max_length,
+        route_on=route_on,
     )
     model.eval()
     per_task: dict[str, dict[str, Any]] = {}
@@ -425,6 +462,7 @@ def evaluate(
             "max_length": lm.max_length,
             "lm_eval_version": getattr(lm_eval, "__version__", None),
             "random_seed": random_seed,
+            "route_on": route_on,
             "lm_eval_tasks": dict(resolved),
         },
     }

@@ -33,6 +33,9 @@ from routertune.router import Router, masked_sequence_mean, straight_through_gat
 
 # Keyword argument that carries the 2-D padding mask from the base model to every layer.
 TOKEN_MASK_KWARG = "routertune_token_mask"
+# Keyword argument that carries an optional 2-D mask of the tokens a sequence router decides on
+# (e.g. the prompt only, not the answer being scored or learnt); padding is excluded anyway.
+ROUTING_MASK_KWARG = "routertune_routing_mask"
 # Attribute under which a KV cache object carries the per-layer sequence routes of its request.
 ROUTES_ATTR = "_routertune_routes"
 
@@ -305,6 +308,7 @@ class RoutedLayerMixin:
         **kwargs: Any,
     ) -> torch.Tensor:
         token_mask = kwargs.pop(TOKEN_MASK_KWARG, None)
+        routing_mask = kwargs.pop(ROUTING_MASK_KWARG, None)
         if "past_key_values" in kwargs:  # old name, still accepted by transformers 5.x
             cache = kwargs.pop("past_key_values")
         attn_kwargs = dict(
@@ -321,6 +325,9 @@ class RoutedLayerMixin:
         B, T, _ = hidden_states.shape
         valid = _valid_tokens(token_mask, B, T)
         normed = self.input_layernorm(hidden_states)
+        if self.routing.unit == "sequence":
+            # sequence routers average over the decision tokens; token routers use ``valid``
+            valid = _decision_tokens(valid, _valid_tokens(routing_mask, B, T))
         if self.training and torch.is_grad_enabled():
             return self._forward_gated(hidden_states, normed, valid, attn_kwargs)
         if self.routing.unit == "sequence":
@@ -518,6 +525,22 @@ def _valid_tokens(token_mask: Any, batch: int, length: int) -> torch.Tensor | No
     if token_mask.shape[1] < length:
         return None
     return token_mask[:, -length:].bool()
+
+
+def _decision_tokens(valid: torch.Tensor | None, routing: torch.Tensor | None) -> torch.Tensor | None:
+    """Tokens a sequence router averages over: real tokens inside the routing mask.
+
+    A row whose routing mask selects no real token falls back to all its real tokens, so every
+    sequence is decided on something.
+    """
+    if routing is None:
+        return valid
+    chosen = routing if valid is None else routing & valid
+    empty = ~chosen.any(dim=1, keepdim=True)  # (B, 1)
+    if bool(empty.any()):
+        fallback = valid if valid is not None else torch.ones_like(chosen)
+        chosen = torch.where(empty, fallback, chosen)
+    return chosen
 
 
 def routed_class(base_cls: type) -> type:

@@ -25,13 +25,17 @@ from routertune.arch import (
 )
 from routertune.config import RouterConfig, RouterConfigError
 from routertune.io_utils import atomic_path, atomic_write_text
-from routertune.layers import TOKEN_MASK_KWARG, LayerRouting, routed_class
+from routertune.layers import ROUTING_MASK_KWARG, TOKEN_MASK_KWARG, LayerRouting, routed_class
 from routertune.router import Router
 
 CONFIG_NAME = "router_config.json"
 WEIGHTS_NAME = "routers.safetensors"
 _CONFIG_ATTR = "routertune_config"
 _HOOK_ATTR = "_routertune_mask_hook"
+# Forward keyword of a routed model: (B, T) mask of the tokens each sequence router decides on,
+# e.g. ``model(input_ids, attention_mask=..., routing_mask=prompt_mask)`` routes a prompt +
+# answer sequence on its prompt alone, as generation does. Ignored by token routers.
+ROUTING_MASK_ARG = "routing_mask"
 
 __all__ = [
     "CONFIG_NAME",
@@ -132,6 +136,11 @@ def _pass_token_mask(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
         mask = args[1]
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         kwargs[TOKEN_MASK_KWARG] = mask
+    routing = kwargs.pop(ROUTING_MASK_ARG, None)
+    if routing is not None:
+        if not isinstance(routing, torch.Tensor) or routing.dim() != 2:
+            raise ValueError(f"{ROUTING_MASK_ARG} must be a 2-D (batch, tokens) tensor")
+        kwargs[ROUTING_MASK_KWARG] = routing
     return args, kwargs
 
 

@@ -58,6 +58,16 @@ def evaluate_command(
         "--num-fewshot",
         help="Few-shot examples per prompt (default: 0 for every offline task).",
     ),
+    route_on: str = typer.Option(
+        "context",
+        "--route_on",
+        "--route-on",
+        help="What sequence routers decide on: 'context' (the prompt, as in generation) or 'all' "
+        "(context + scored continuation, as the seed).",
+    ),
+    per_doc: bool = typer.Option(
+        False, "--per_doc", "--per-doc", help="Keep each document's 0/1 scores in the JSON (for paired comparisons)."
+    ),
     device: str | None = typer.Option(
         None, "--device", help="cpu, cuda, cuda:1...; default cuda when available."
     ),
@@ -71,6 +81,8 @@ def evaluate_command(
         _fail(f"--batch_size must be >= 1; got {batch_size}")
     if num_fewshot is not None and num_fewshot < 0:
         _fail(f"--num_fewshot must be >= 0; got {num_fewshot}")
+    if route_on not in ("context", "all"):
+        _fail(f"--route_on must be 'context' or 'all'; got {route_on!r}")
     if output_path is not None and output_path.is_dir():
         _fail(
             f"--output_path {output_path} is a folder; give a file name such as {output_path / 'eval.json'}"
@@ -111,6 +123,8 @@ def evaluate_command(
             include_path=include_path or None,
             batch_size=batch_size,
             num_fewshot=num_fewshot,
+            per_doc=per_doc,
+            route_on=route_on,
         )
     except (EvaluationError, OfflineDataError) as err:
         _fail(str(err))

@@ -231,7 +231,8 @@ def encode_examples(
 
 @dataclass
 class PaddingCollator:
-    """Pads a batch on the right: ``input_ids`` with ``pad_token_id``, ``labels`` with -100, mask with 0.
+    """Pads a batch on the right: ``input_ids`` with ``pad_token_id``, ``labels`` with -100, masks
+    (``attention_mask``, and ``routing_mask`` when the examples have one) with 0.
 
     Returns tensors of shape ``(B, T)`` with ``T`` the longest length in the batch, rounded up to
     ``pad_to_multiple_of`` when set.
@@ -271,4 +272,9 @@ class PaddingCollator:
         out = {"input_ids": input_ids, "attention_mask": attention_mask}
         if labels is not None:
             out["labels"] = labels
+        if "routing_mask" in features[0]:  # tokens sequence routers decide on (padding: 0)
+            routing = torch.zeros((batch, width), dtype=torch.long)
+            for row, (feature, length) in enumerate(zip(features, lengths, strict=True)):
+                routing[row, :length] = torch.as_tensor(feature["routing_mask"], dtype=torch.long)
+            out["routing_mask"] = routing
         return out

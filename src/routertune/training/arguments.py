@@ -124,6 +124,14 @@ class DataArguments:
     max_seq_length: int = field(
         default=2048, metadata={"help": "Truncate encoded examples to this many tokens."}
     )
+    route_on: str = field(
+        default="all",
+        metadata={
+            "help": "What *_sequence routers decide on in training: 'all' (the whole conversation, as the "
+            "seed) or 'prompt' (the tokens before the first answer token, as generation and "
+            "`routertune eval` route)."
+        },
+    )
 
 
 @dataclass
@@ -329,6 +337,8 @@ def validate(config: TrainConfig) -> None:
         raise TrainArgumentError(f"--validation_samples must be >= 0; got {d.validation_samples}")
     if d.max_seq_length < 2:
         raise TrainArgumentError(f"--max_seq_length must be >= 2; got {d.max_seq_length}")
+    if d.route_on not in ("all", "prompt"):
+        raise TrainArgumentError(f"--route_on must be 'all' or 'prompt'; got {d.route_on!r}")
     if loss.distill_weight < 0:
         raise TrainArgumentError(f"--distill_weight must be >= 0; got {loss.distill_weight}")
     if loss.distill_temperature <= 0:

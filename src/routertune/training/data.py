@@ -76,13 +76,36 @@ class EncodedDataset(Dataset):
         return sum(len(e["input_ids"]) for e in self.examples)
 
 
-def encode(examples: list[dict], tokenizer: Any, max_seq_length: int, what: str) -> EncodedDataset:
-    """Encodes examples; fails if none keeps an assistant token to learn from."""
+ROUTE_ON = ("all", "prompt")
+
+
+def prompt_routing_mask(labels: list[int]) -> list[int]:
+    """1 for the tokens before the first learnt token (the prompt), 0 from there on.
+
+    Generation routes a request on its prompt alone (prefill, up to the assistant header); this
+    mask makes training decide on the same tokens.
+    """
+    first = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+    return [1] * first + [0] * (len(labels) - first)
+
+
+def encode(
+    examples: list[dict], tokenizer: Any, max_seq_length: int, what: str, route_on: str = "all"
+) -> EncodedDataset:
+    """Encodes examples; fails if none keeps an assistant token to learn from.
+
+    ``route_on="prompt"`` adds each example's ``routing_mask`` (:func:`prompt_routing_mask`).
+    """
+    if route_on not in ROUTE_ON:
+        raise TrainArgumentError(f"--route_on must be one of {ROUTE_ON}; got {route_on!r}")
     encoded = encode_examples(examples, tokenizer, max_seq_length)
     if not len(encoded):
         reasons = ", ".join(f"{k}: {v}" for k, v in encoded.dropped.items())
         raise TrainArgumentError(f"no {what} example has an assistant token to learn from ({reasons})")
-    return EncodedDataset(list(encoded.examples))
+    items = list(encoded.examples)
+    if route_on == "prompt":
+        items = [{**e, "routing_mask": prompt_routing_mask(e["labels"])} for e in items]
+    return EncodedDataset(items)
 
 
 @torch.no_grad()

@@ -41,9 +41,9 @@ def run(config: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     resume = resume_checkpoint(t)
     set_seed(t.seed)
     model, routed, tokenizer = build_model(config, progress=t.should_log)
-    train_ds = encode(examples.train, tokenizer, config.data.max_seq_length, "training")
+    train_ds = encode(examples.train, tokenizer, config.data.max_seq_length, "training", config.data.route_on)
     eval_ds = (
-        encode(examples.validation, tokenizer, config.data.max_seq_length, "validation")
+        encode(examples.validation, tokenizer, config.data.max_seq_length, "validation", config.data.route_on)
         if examples.validation
         else None
     )
