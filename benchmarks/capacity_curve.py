@@ -11,6 +11,7 @@
 Points:
   dense          the model without routers.
   routed:native  the trained routers at their own threshold (0.5).
+  routed-prompt:native  routers trained with ``--route_on prompt`` (PROMPT_ROUTERS).
   routed:C       the same routers, thresholds calibrated (``global``) so that C of the routed
                  attention units are kept on the calibration data (the last 64 builtin
                  examples; none of them trained on, none of them evaluation data).
@@ -45,6 +46,7 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 POINTS_DIR = Path(os.environ.get("CAPACITY_CURVE_DIR", RESULTS / "capacity_curve"))
 DEFAULT_ROUTERS = RESULTS / "routers-smollm2-attn_sequence"
+PROMPT_ROUTERS = RESULTS / "routers-smollm2-attn_sequence-prompt"  # trained with --route_on prompt
 MODEL = "smollm2-135m-instruct"
 
 
@@ -85,7 +87,8 @@ def _prepare(model, tokenizer, point: str, routers: Path) -> dict[str, Any]:
     kind, _, arg = point.partition(":")
     if kind == "dense":
         return {}
-    if kind == "routed":
+    if kind in ("routed", "routed-prompt"):
+        routers = PROMPT_ROUTERS if kind == "routed-prompt" else routers
         load_routers(model, routers)
         if arg == "native":
             return {"routers": str(routers), "thresholds": "as trained"}
@@ -261,7 +264,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     comparisons = []
     drops = {n: p for n, p in points.items() if n.startswith("drop:")}
     for name, record in points.items():
-        if not name.startswith("routed:"):
+        if not name.startswith(("routed:", "routed-prompt:")):
             continue
         cap = record["eval"]["capacity"]["overall"]
         nearest = min(drops, key=lambda n: abs((1 - int(n.split(":")[1]) / 16) - cap), default=None)
@@ -289,7 +292,56 @@ def cmd_report(args: argparse.Namespace) -> None:
     }
     atomic_write_text(POINTS_DIR.parent / f"{POINTS_DIR.name}.json", json.dumps(data, indent=1) + "\n")
     atomic_write_text(POINTS_DIR.parent / f"{POINTS_DIR.name}.md", _markdown(data))
+    _plot(data, POINTS_DIR.parent / f"{POINTS_DIR.name}.png")
     print(_markdown(data))
+
+
+def _plot(data: dict[str, Any], path: Path) -> None:
+    """Average accuracy against capacity, one line per method; measured 512-token prefill
+    speedup of skipping that share on a second x axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {
+        "routed (route on context)": lambda p: p.startswith("routed:") and not p.endswith("@all"),
+        "routed (route on context + answer)": lambda p: p.startswith("routed:") and p.endswith("@all"),
+        "routed, trained on prompts": lambda p: p.startswith("routed-prompt:"),
+        "attention drop": lambda p: p.startswith("drop:"),
+    }
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dense = next(r for r in data["points"] if r["point"] == "dense")
+    ax.axhline(100 * dense["average"], color="black", lw=1, ls="--", label="dense")
+    for label, chosen in series.items():
+        rows = sorted((r for r in data["points"] if chosen(r["point"])), key=lambda r: r["capacity"])
+        if rows:
+            ax.errorbar(
+                [r["capacity"] for r in rows],
+                [100 * r["average"] for r in rows],
+                yerr=[100 * r["vs_dense"]["stderr"] for r in rows],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
+    ax.set_xlabel("capacity (share of routed attention computed, measured during the evaluation)")
+    ax.set_ylabel("average accuracy, 9 tasks (points)")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    speeds = {r["capacity"]: r["speedup"]["prefill"]["measured"] for r in data["speed"] if r["context"] == 512}
+    if speeds:
+        top = ax.secondary_xaxis("top")
+        ticks = sorted(speeds)
+        top.set_ticks(ticks)
+        top.set_xticklabels([f"{speeds[c]:.2f}x" for c in ticks], fontsize=8)
+        top.set_xlabel("measured prefill speedup at 512 tokens (batch 1, CPU)")
+    ax.set_title(f"{data['model']}: error bars = paired standard error vs dense", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def _markdown(data: dict[str, Any]) -> str:
