@@ -59,7 +59,7 @@ def expected_kv_bytes(cached_positions: int, layers_with_kv: int) -> int:
 
 
 def test_greedy_streams_the_same_text_as_generate(app, tiny_folder):
-    result = run(app, "--model", str(tiny_folder), "--prompt", "the theme", "--max-new-tokens", "7")
+    result = run(app, "--model", str(tiny_folder), "--prompt", "the theme", "--max_new_tokens", "7")
     assert result.exit_code == 0, result.stderr
     model, tokenizer = load_model_and_tokenizer(tiny_folder, progress=False)
     inputs = tokenizer("the theme", return_tensors="pt")
@@ -152,7 +152,7 @@ def test_invalid_options_are_rejected(app, tiny_folder):
     assert run(app, "--model", str(tiny_folder), "--prompt", "x", "--temperature", "-1").exit_code == 2
     assert run(app, "--model", str(tiny_folder), "--prompt", "x", "--max-new-tokens", "0").exit_code == 2
     result = run(app, "--model", str(tiny_folder), "--prompt", "x", "--top-p", "0")
-    assert result.exit_code == 1 and "--top-p" in result.stderr
+    assert result.exit_code == 1 and "--top_p" in result.stderr
     result = run(app, "--model", str(tiny_folder), "--prompt", "x", "--dtype", "int3")
     assert result.exit_code == 1 and "unknown dtype" in result.stderr
 

@@ -27,13 +27,13 @@ def generate(
     model: str = typer.Option(
         DEFAULT_MODEL, "--model", "-m", help="Local Hugging Face folder, built-in name, or hub id."
     ),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Most tokens to generate."),
+    max_new_tokens: int = typer.Option(128, "--max_new_tokens", "--max-new-tokens", min=1, help="Most tokens to generate."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template."),
     routers: Path | None = typer.Option(
         None, "--routers", help="Router folder (router_config.json + routers.safetensors) to attach."
     ),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="Sampling temperature; 0 = greedy."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0)."),
+    top_p: float = typer.Option(1.0, "--top_p", "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (for sampling)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1...; default cuda when available."),
     dtype: str | None = typer.Option(
@@ -42,7 +42,7 @@ def generate(
 ) -> None:
     """Generate text from a prompt, streaming tokens to stdout, with a speed / KV-cache summary on stderr."""
     if top_p <= 0.0:
-        _fail("--top-p must be in (0, 1]")
+        _fail("--top_p must be in (0, 1]")
 
     import torch
     from transformers import TextStreamer, set_seed
