@@ -194,7 +194,13 @@ def write_report(results: dict[str, Any], out: str | Path) -> Path:
                 f"| {r['model_tps']:.1f} | {r['speedup']:.3f}x | {r['ideal']:.3f}x | {r['ratio']:.2f} "
                 f"| {r['kv_dense'] / 2**20:.1f} | {r['kv_model'] / 2**20:.1f} |"
             )
-        lines.append("")
+        lines += [
+            "",
+            "tok/s: median over repeats for each model on its own. Speedup: median of the per-repeat",
+            "ratios dense/model, each from two runs made side by side; it can differ from the ratio of",
+            "the tok/s columns when the machine's speed drifts between repeats.",
+            "",
+        ]
     from routertune.quickstart import PAPER_HEADLINE
 
     p = PAPER_HEADLINE
