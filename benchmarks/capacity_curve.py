@@ -5,8 +5,12 @@
     OMP_NUM_THREADS=1 python benchmarks/capacity_curve.py eval --points drop:2,drop:4,drop:6,drop:8 &
     # time skipping the same shares of attention (alone, on a quiet machine)
     OMP_NUM_THREADS=1 python benchmarks/capacity_curve.py speed --skips 0,2,4,6,8
-    # merge into results/capacity_curve.{json,md}
+    # merge into results/capacity_curve.{json,md,png}
     python benchmarks/capacity_curve.py report
+    # the points near dense on 4x the documents (results/capacity_curve_400.*)
+    CAPACITY_CURVE_DIR=benchmarks/results/capacity_curve_400 OMP_NUM_THREADS=1 \
+        python benchmarks/capacity_curve.py eval --limit 400 --mmlu_limit 8 --points dense,drop:2,drop:4,routed:native,routed-prompt:native
+    CAPACITY_CURVE_DIR=benchmarks/results/capacity_curve_400 python benchmarks/capacity_curve.py report
 
 Points:
   dense          the model without routers.
