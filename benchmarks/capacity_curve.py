@@ -15,13 +15,18 @@
 Points:
   dense          the model without routers.
   routed:native  the trained routers at their own threshold (0.5).
-  routed-prompt:native  routers trained with ``--route_on prompt`` (PROMPT_ROUTERS).
+  routed-NAME:native / routed-NAME:C  the same for another recorded router set (ROUTER_SETS):
+                 ``prompt`` (trained with ``--route_on prompt``), ``prompt-distill`` (``--route_on
+                 prompt --loss lm+distill``), ``prompt-distill-seed7`` (the same, ``--seed 7``).
   routed:C       the same routers, thresholds calibrated (``global``) so that C of the routed
                  attention units are kept on the calibration data (the last 64 builtin
-                 examples; none of them trained on, none of them evaluation data).
-  drop:N         attention drop: the N least important of the same 16 candidate layers removed
-                 (importance = 1 - cos(h, h + attn) on the same calibration examples); its
-                 capacity is exactly 1 - N/16 on every input.
+                 examples; none of them trained on, none of them evaluation data), routing on
+                 their prompts as the evaluation routes on contexts (``--calibrate_on prompt``,
+                 the default; the 914-document curve's points were calibrated on whole
+                 conversations, ``all``, and kept 0.06-0.08 less than C in evaluation).
+  drop:N         attention drop: the N least important of the 16 candidate layers (the routed
+                 ones) removed (importance = 1 - cos(h, h + attn) on the same calibration
+                 examples); its capacity is exactly 1 - N/16 on every input.
 
 Every point is evaluated on the same documents (the first ``--limit`` of each offline task,
 ``--mmlu_limit`` per MMLU subject) with per-document scores, so the report gives paired
@@ -50,7 +55,12 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 POINTS_DIR = Path(os.environ.get("CAPACITY_CURVE_DIR", RESULTS / "capacity_curve"))
 DEFAULT_ROUTERS = RESULTS / "routers-smollm2-attn_sequence"
-PROMPT_ROUTERS = RESULTS / "routers-smollm2-attn_sequence-prompt"  # trained with --route_on prompt
+# Point kind "routed-NAME" evaluates these recorded router sets (training commands: docs/evaluation.md).
+ROUTER_SETS = {
+    "prompt": RESULTS / "routers-smollm2-attn_sequence-prompt",  # --route_on prompt
+    "prompt-distill": RESULTS / "routers-smollm2-attn_sequence-prompt-distill",  # + --loss lm+distill
+    "prompt-distill-seed7": RESULTS / "routers-smollm2-attn_sequence-prompt-distill-seed7",  # + --seed 7
+}
 MODEL = "smollm2-135m-instruct"
 
 
@@ -82,7 +92,7 @@ def _expand(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _prepare(model, tokenizer, point: str, routers: Path) -> dict[str, Any]:
+def _prepare(model, tokenizer, point: str, routers: Path, calibrate_on: str = "prompt") -> dict[str, Any]:
     """Puts ``model`` (plain on entry) into the state ``point`` names; returns what was done."""
     from routertune import load_routers
     from routertune.baselines import apply_attention_drop, attention_importance, candidate_layers
@@ -91,20 +101,26 @@ def _prepare(model, tokenizer, point: str, routers: Path) -> dict[str, Any]:
     kind, _, arg = point.partition(":")
     if kind == "dense":
         return {}
-    if kind in ("routed", "routed-prompt"):
-        routers = PROMPT_ROUTERS if kind == "routed-prompt" else routers
+    if kind.startswith("routed-"):
+        name = kind[len("routed-") :]
+        if name not in ROUTER_SETS:
+            raise SystemExit(f"unknown router set {name!r} in {point!r}: {', '.join(ROUTER_SETS)}")
+        kind, routers = "routed", ROUTER_SETS[name]
+    if kind == "routed":
         load_routers(model, routers)
         if arg == "native":
             return {"routers": str(routers), "thresholds": "as trained"}
-        batches = make_batches(tokenizer, _calibration_examples())
+        batches = make_batches(tokenizer, _calibration_examples(), route_on=calibrate_on)
         result = calibrate_thresholds(model, batches, float(arg), method="global")
-        return {"routers": str(routers), "calibration": result.to_dict()}
+        return {"routers": str(routers), "calibrate_on": calibrate_on, "calibration": result.to_dict()}
     if kind == "drop":
         candidates = candidate_layers(model)
         importance = attention_importance(model, tokenizer, _calibration_examples(), layers=candidates)
         dropped = apply_attention_drop(model, importance, n_drop=int(arg), candidates=candidates)
         return {"candidates": candidates, "dropped": dropped, "importance": {str(k): v for k, v in importance.items()}}
-    raise SystemExit(f"unknown point {point!r}: dense, routed:native, routed:<capacity>, drop:<layers>")
+    raise SystemExit(
+        f"unknown point {point!r}: dense, routed[-NAME]:native, routed[-NAME]:<capacity>, drop:<layers>"
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -124,7 +140,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if get_router_config(model) is not None:
             detach_routers(model)
         start = time.time()
-        setup = _prepare(model, tokenizer, point, Path(args.routers))
+        setup = _prepare(model, tokenizer, point, Path(args.routers), args.calibrate_on)
         result = evaluate(
             model,
             tokenizer,
@@ -155,11 +171,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_speed(args: argparse.Namespace) -> None:
     from routertune import RouterConfig, attach_routers
     from routertune.benchmark import BenchSettings, run_benchmark
+    from routertune.model import routed_layers
 
     torch.set_num_threads(args.threads)
     model, _ = _load_model()
     attach_routers(model, RouterConfig(granularity="attn_sequence"))
-    n_routed = 16
+    n_routed = len(routed_layers(model))
     rows = []
     for skip in (int(s) for s in args.skips.split(",")):
         settings = BenchSettings(
@@ -262,7 +279,8 @@ def cmd_report(args: argparse.Namespace) -> None:
             }
         if "ideal_speedup_512" in record:
             row["ideal_speedup_512"] = record["ideal_speedup_512"]
-        skip = round((1 - cap) * 16)
+        # The speed row skipping the whole number of routed layers nearest to this share.
+        skip = round((1 - cap) * len(ev["capacity"]["per_layer"])) if ev["capacity"] else 0
         for context in (512, 2048):
             measured = speed_at(skip, context)
             if measured is not None:
@@ -280,9 +298,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     # point's (routed winning there wins outright) and the nearest at or below it.
     comparisons = []
     drops = {n: p for n, p in points.items() if n.startswith("drop:")}
-    drop_cap = {n: 1 - int(n.split(":")[1]) / 16 for n in drops}
+    drop_cap = {n: 1 - len(p["setup"]["dropped"]) / len(p["setup"]["candidates"]) for n, p in drops.items()}
     for name, record in points.items():
-        if not name.startswith(("routed:", "routed-prompt:")):
+        if not name.startswith("routed"):
             continue
         cap = record["eval"]["capacity"]["overall"]
         above = [n for n in drops if drop_cap[n] >= cap]
@@ -337,6 +355,8 @@ def _plot(data: dict[str, Any], path: Path) -> None:
         "routed (route on context)": lambda p: p.startswith("routed:") and not p.endswith("@all"),
         "routed (route on context + answer)": lambda p: p.startswith("routed:") and p.endswith("@all"),
         "routed, trained on prompts": lambda p: p.startswith("routed-prompt:"),
+        "routed, prompts + distillation": lambda p: p.startswith("routed-prompt-distill:"),
+        "routed, prompts + distillation, seed 7": lambda p: p.startswith("routed-prompt-distill-seed7:"),
         "attention drop": lambda p: p.startswith("drop:"),
     }
     panels = {
@@ -455,6 +475,12 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--batch_size", type=int, default=8)
     ev.add_argument("--threads", type=int, default=1)
     ev.add_argument("--force", action="store_true", help="re-evaluate points that already have a file")
+    ev.add_argument(
+        "--calibrate_on",
+        choices=("prompt", "all"),
+        default="prompt",
+        help="tokens the routers decide on while calibrating routed:<C> points (the 914-document curve used 'all')",
+    )
     ev.add_argument(
         "--route_on",
         default="context",

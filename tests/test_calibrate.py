@@ -227,6 +227,43 @@ def test_make_batches_pads_left_and_sorts_by_length():
         make_batches(tok, [], batch_size=2)
 
 
+def test_make_batches_route_on_prompt_marks_the_tokens_before_the_answer():
+    tok = byte_chat_tokenizer()
+    examples = chat_examples(5)
+    plain = make_batches(tok, examples, batch_size=2, max_length=80)
+    prompt = make_batches(tok, examples + ["a text is all prompt"], batch_size=2, max_length=80, route_on="prompt")
+    assert all("routing_mask" not in b for b in plain)
+    for b in prompt[:-1]:
+        routing, labels, mask = b["routing_mask"], b["labels"], b["attention_mask"]
+        assert (routing[mask == 0] == 0).all()  # padding is never decided on
+        for r in range(routing.shape[0]):
+            answer = (labels[r] != -100).nonzero()
+            first = int(answer[0]) if len(answer) else routing.shape[1]
+            assert int(first) > 0 and (routing[r, :first] == mask[r, :first]).all()  # the prompt ...
+            assert (routing[r, first:] == 0).all()  # ... and nothing from the first answer token on
+    text = [b for b in prompt if "labels" not in b or (b["labels"] == -100).all()]
+    assert text and (text[0]["routing_mask"] == text[0]["attention_mask"]).all()
+    with pytest.raises(CalibrationError, match="route_on"):
+        make_batches(tok, examples, route_on="context")
+
+
+def test_calibrating_on_prompts_keeps_the_share_on_the_prompts_alone():
+    """Thresholds calibrated with route_on="prompt" keep the target share when each example's
+    prompt is run alone, as generation routes; calibrated on whole conversations they need not."""
+    tok = byte_chat_tokenizer()
+    examples = chat_examples(24, seed=3)
+    batches = make_batches(tok, examples, batch_size=1, max_length=96, route_on="prompt")
+    prompts = [
+        {k: b[k][:, b["routing_mask"][0].bool()] for k in ("input_ids", "attention_mask")} for b in batches
+    ]
+    model = routed_model("attn_sequence")
+    result = calibrate_thresholds(model, batches, 0.5, method="per_layer")
+    assert result.calibration["counts"] == measure_capacity(model, prompts)["counts"]
+    # Without the routing mask the same thresholds decide on prompt + answer: other decisions.
+    whole = [{k: v for k, v in b.items() if k != "routing_mask"} for b in batches]
+    assert measure_capacity(model, whole)["counts"] != result.calibration["counts"]
+
+
 def test_calibration_split_from_a_file_and_errors(tmp_path):
     path = write_chat_jsonl(tmp_path / "c.jsonl", 10)
     fit, held = calibration_split(path, n=6, n_heldout=3)
@@ -284,11 +321,12 @@ def test_calibrate_cli_saves_thresholds_and_reports_heldout(tmp_path, cli_setup)
         "--output",
         str(out),
     ]
-    result = CliRunner().invoke(app, args + ["--method", "per_layer"])
+    result = CliRunner().invoke(app, args + ["--method", "per_layer", "--route_on", "all"])
     assert result.exit_code == 0, result.output
     assert "target capacity 0.5000 reached" in result.output
     report = json.loads((out / CALIBRATION_REPORT).read_text())
     assert report["n"] == 24 and report["n_heldout"] == 16 and report["heldout"]["overall"] is not None
+    assert report["route_on"] == "all"
     for c in report["calibration"]["counts"].values():
         assert abs(c["kept"] - kept_target(0.5, c["total"])) <= 1
     # The source folder is untouched; the new one loads with its thresholds.
@@ -305,6 +343,7 @@ def test_calibrate_cli_saves_thresholds_and_reports_heldout(tmp_path, cli_setup)
     assert result.exit_code == 0, result.output
     report = json.loads((routers / CALIBRATION_REPORT).read_text())
     assert report["method"] == "global" and len(set(report["thresholds"].values())) == 1
+    assert report["route_on"] == "prompt"
     kept = sum(c["kept"] for c in report["calibration"]["counts"].values())
     total = sum(c["total"] for c in report["calibration"]["counts"].values())
     assert abs(kept - kept_target(0.5, total)) <= max(1, int(0.005 * total))
@@ -320,6 +359,8 @@ def test_calibrate_cli_bad_inputs(tmp_path, cli_setup):
     base = ["calibrate", "--model", str(folder), "--data", str(data)]
     r = runner.invoke(app, base + ["--routers", str(routers), "--target_capacity", "1.2"])
     assert r.exit_code == 1 and "--target_capacity must be in [0, 1]" in r.output
+    r = runner.invoke(app, base + ["--routers", str(routers), "--target_capacity", "0.5", "--route_on", "answer"])
+    assert r.exit_code == 1 and "--route_on must be 'prompt' or 'all'" in r.output
     r = runner.invoke(app, base + ["--routers", str(tmp_path / "nope"), "--target_capacity", "0.5"])
     assert r.exit_code == 1 and "does not exist" in r.output
     (tmp_path / "empty.jsonl").write_text("")

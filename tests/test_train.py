@@ -139,8 +139,7 @@ def test_logs_lm_loss_regulariser_and_capacity_per_layer(tiny, tmp_path):
 
 def test_prompt_routing_masks_cover_the_tokens_before_the_first_answer_token():
     from routertune.data import PaddingCollator
-    from routertune.data.encode import IGNORE_INDEX
-    from routertune.training.data import prompt_routing_mask
+    from routertune.data.encode import IGNORE_INDEX, prompt_routing_mask
 
     labels = [IGNORE_INDEX] * 3 + [7, 8] + [IGNORE_INDEX] + [9]
     assert prompt_routing_mask(labels) == [1, 1, 1, 0, 0, 0, 0]

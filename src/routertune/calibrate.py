@@ -129,7 +129,7 @@ def _encode(tokenizer: Any, item: Any, max_length: int) -> tuple[list[int], list
 
 
 def make_batches(
-    tokenizer: Any, data: list, batch_size: int = 8, max_length: int = 512
+    tokenizer: Any, data: list, batch_size: int = 8, max_length: int = 512, route_on: str = "all"
 ) -> list[dict[str, torch.Tensor]]:
     """Tokenises texts or unified-format examples into left-padded batches.
 
@@ -137,17 +137,27 @@ def make_batches(
     ``max_length`` tokens; they are sorted by length so that batches carry little padding.
     Items that already are batches (dicts with ``input_ids``) are passed through.
 
+    ``route_on="prompt"`` adds a ``routing_mask``: sequence routers then decide on each
+    example's prompt (the tokens before its first answer token), as generation and
+    ``routertune eval`` route, so the calibrated share is the share kept in use. Texts and
+    examples without an answer are all prompt. Token routers ignore the mask.
+
     Returns:
         Dicts with ``input_ids`` ``(B, T)`` long, ``attention_mask`` ``(B, T)`` long (0 on
-        padding) and, for examples, ``labels`` ``(B, T)`` (-100 outside assistant turns).
+        padding), for examples ``labels`` ``(B, T)`` (-100 outside assistant turns) and, with
+        ``route_on="prompt"``, ``routing_mask`` ``(B, T)`` long.
 
     Raises:
-        CalibrationError: empty data, or no item yields a token.
+        CalibrationError: empty data, no item yields a token, or an unknown ``route_on``.
     """
     import torch
 
+    from routertune.data.encode import ROUTE_ON, prompt_routing_mask
+
     if batch_size < 1 or max_length < 1:
         raise CalibrationError(f"batch_size and max_length must be >= 1; got {batch_size}, {max_length}")
+    if route_on not in ROUTE_ON:
+        raise CalibrationError(f"route_on must be one of {', '.join(ROUTE_ON)}; got {route_on!r}")
     if not data:
         raise CalibrationError("the calibration set is empty")
     if all(isinstance(item, dict) and "input_ids" in item for item in data):
@@ -164,15 +174,19 @@ def make_batches(
         ids = torch.full((len(chunk), T), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), T), dtype=torch.long)
         labels = torch.full((len(chunk), T), -100, dtype=torch.long)
+        routing = torch.zeros((len(chunk), T), dtype=torch.long)
         for b, (tokens, lab) in enumerate(chunk):
             n = len(tokens)
             ids[b, T - n :] = torch.tensor(tokens)
             mask[b, T - n :] = 1
             if lab is not None:
                 labels[b, T - n :] = torch.tensor(lab)
+            routing[b, T - n :] = torch.tensor(prompt_routing_mask(lab) if lab is not None else [1] * n)
         batch = {"input_ids": ids, "attention_mask": mask}
         if any(lab is not None for _, lab in chunk):
             batch["labels"] = labels
+        if route_on == "prompt":
+            batch["routing_mask"] = routing
         batches.append(batch)
     return batches
 
@@ -181,11 +195,13 @@ def run_batches(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> Non
     """Runs the decoder stack (not the LM head: only layer decisions matter) over ``batches``.
 
     Eval mode and no grad, so routed layers really skip; no KV cache, so every forward decides
-    afresh. The model's train/eval mode is restored afterwards.
+    afresh. A batch's ``routing_mask`` (see :func:`make_batches`) is passed on. The model's
+    train/eval mode is restored afterwards.
     """
     import torch
 
     from routertune.arch import base_model
+    from routertune.model import ROUTING_MASK_ARG
 
     device = next(model.parameters()).device
     was_training = model.training
@@ -193,10 +209,14 @@ def run_batches(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> Non
     try:
         with torch.no_grad():
             for batch in batches:
+                extra = {}
+                if "routing_mask" in batch:
+                    extra[ROUTING_MASK_ARG] = batch["routing_mask"].to(device)
                 base_model(model)(
                     input_ids=batch["input_ids"].to(device),
                     attention_mask=batch["attention_mask"].to(device),
                     use_cache=False,
+                    **extra,
                 )
     finally:
         model.train(was_training)

@@ -3,7 +3,8 @@
     routertune calibrate --routers runs/rt --target_capacity 0.5
     routertune calibrate --routers runs/rt --target_capacity 0.6 --method per_layer --output runs/rt-0.6
 
-Records the routers' scores on instruction examples, sets one global (or per-layer) score
+Records the routers' scores on instruction examples (sequence routers deciding on each
+example's prompt, as generation and ``routertune eval`` route, unless ``--route_on all``), sets one global (or per-layer) score
 quantile as keep thresholds so that the routed model keeps the requested share of routed
 units, checks the share on held-out examples, and saves the routers with their thresholds
 (``layer_thresholds`` in router_config.json) plus ``calibration.json``. See
@@ -67,6 +68,13 @@ def calibrate_command(
     max_passes: int = typer.Option(
         12, "--max_passes", "--max-passes", help="Most passes over the calibration data (global method)."
     ),
+    route_on: str = typer.Option(
+        "prompt",
+        "--route_on",
+        "--route-on",
+        help="Tokens sequence routers decide on while calibrating: 'prompt' (the tokens before the answer, as "
+        "generate and eval route; default) or 'all' (the whole conversation, as training without --route_on).",
+    ),
     device: str | None = typer.Option(
         None, "--device", help="cpu, cuda, cuda:1...; default cuda when available."
     ),
@@ -81,6 +89,8 @@ def calibrate_command(
         _fail(f"--target_capacity must be in [0, 1]; got {target_capacity:g}")
     if method not in CALIBRATION_METHODS:
         _fail(f"--method must be one of {', '.join(CALIBRATION_METHODS)}; got {method!r}")
+    if route_on not in ("prompt", "all"):
+        _fail(f"--route_on must be 'prompt' or 'all'; got {route_on!r}")
     if (
         n < 1
         or n_heldout < 0
@@ -121,14 +131,17 @@ def calibrate_command(
         _fail(str(err))
 
     try:
-        fit_batches = make_batches(tokenizer, fit, batch_size=batch_size or len(fit), max_length=max_length)
+        fit_batches = make_batches(
+            tokenizer, fit, batch_size=batch_size or len(fit), max_length=max_length, route_on=route_on
+        )
         heldout_batches = (
-            make_batches(tokenizer, heldout, batch_size=batch_size or 8, max_length=max_length)
+            make_batches(tokenizer, heldout, batch_size=batch_size or 8, max_length=max_length, route_on=route_on)
             if heldout
             else []
         )
         typer.echo(
-            f"calibrating {method} thresholds for capacity {target_capacity:g} on {len(fit)} examples from {data}",
+            f"calibrating {method} thresholds for capacity {target_capacity:g} on {len(fit)} examples from {data} "
+            f"(routing on {'prompts' if route_on == 'prompt' else 'whole conversations'})",
             err=True,
         )
         result = calibrate_thresholds(lm, fit_batches, target_capacity, method=method, max_passes=max_passes)
@@ -147,6 +160,7 @@ def calibrate_command(
             "n": len(fit),
             "n_heldout": len(heldout),
             "max_length": max_length,
+            "route_on": route_on,
         }
     )
     destination = output if output is not None else routers

@@ -24,17 +24,31 @@ from typing import Any
 from routertune.data.messages import DataFormatError, load_messages_jsonl, validate_example
 
 IGNORE_INDEX = -100
+# What sequence routers decide on in training and calibration: the whole example, or its prompt.
+ROUTE_ON = ("all", "prompt")
 
 __all__ = [
     "IGNORE_INDEX",
+    "ROUTE_ON",
     "ChatTemplateError",
     "EncodedData",
     "PaddingCollator",
     "encode_example",
     "encode_examples",
     "load_messages_jsonl",
+    "prompt_routing_mask",
     "render_messages",
 ]
+
+
+def prompt_routing_mask(labels: list[int]) -> list[int]:
+    """1 for the tokens before the first learnt token (the prompt), 0 from there on.
+
+    Generation routes a request on its prompt alone (prefill, up to the assistant header); this
+    mask makes training and calibration decide on the same tokens.
+    """
+    first = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+    return [1] * first + [0] * (len(labels) - first)
 
 
 class ChatTemplateError(ValueError):

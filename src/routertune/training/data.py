@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from routertune.data import encode_examples, load_training_examples
-from routertune.data.encode import IGNORE_INDEX
+from routertune.data.encode import IGNORE_INDEX, ROUTE_ON, prompt_routing_mask
 from routertune.training.arguments import DataArguments, TrainArgumentError, resolve_train_source
 
 
@@ -74,19 +74,6 @@ class EncodedDataset(Dataset):
 
     def num_tokens(self) -> int:
         return sum(len(e["input_ids"]) for e in self.examples)
-
-
-ROUTE_ON = ("all", "prompt")
-
-
-def prompt_routing_mask(labels: list[int]) -> list[int]:
-    """1 for the tokens before the first learnt token (the prompt), 0 from there on.
-
-    Generation routes a request on its prompt alone (prefill, up to the assistant header); this
-    mask makes training decide on the same tokens.
-    """
-    first = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
-    return [1] * first + [0] * (len(labels) - first)
 
 
 def encode(
