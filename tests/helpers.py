@@ -1,4 +1,4 @@
-"""Test helpers: tiny random models and references with sub-layers deleted."""
+"""Test helpers: tiny random models, a byte-level chat tokenizer, references with sub-layers deleted."""
 
 from __future__ import annotations
 
@@ -10,6 +10,35 @@ from torch import nn
 from routertune.model import routed_layers
 
 VOCAB = 96
+
+BYTE_SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def byte_chat_tokenizer(model_max_length: int = 1024, padding_side: str = "right"):
+    """Every byte is a token (no merges; 259 ids); ids 0-2 are pad / bos / eos; a ChatML-style
+    template. Builds in milliseconds, no files."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = BYTE_SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<|pad|>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        model_max_length=model_max_length,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.padding_side = padding_side
+    return tokenizer
 
 
 def tiny_model(arch: str, seed: int = 0, attn_implementation: str = "sdpa"):
