@@ -10,6 +10,11 @@
     # the points near dense on 4x the documents (results/capacity_curve_400.*)
     CAPACITY_CURVE_DIR=benchmarks/results/capacity_curve_400 OMP_NUM_THREADS=1 \
         python benchmarks/capacity_curve.py eval --limit 400 --mmlu_limit 8 --points dense,drop:2,drop:4,routed:native,routed-prompt:native
+    # ... and the later points (each ~15 min on one thread)
+    CAPACITY_CURVE_DIR=benchmarks/results/capacity_curve_400 OMP_NUM_THREADS=1 python benchmarks/capacity_curve.py \
+        eval --limit 400 --mmlu_limit 8 --points routed-prompt-distill:native,routed-prompt-distill:0.875
+    ... --points routed-prompt-distill-seed7:native,routed-prompt-distill-gs04:native,drop:6
+    ... --points routed:0.625 --calibrate_on all
     CAPACITY_CURVE_DIR=benchmarks/results/capacity_curve_400 python benchmarks/capacity_curve.py report
 
 Points:
@@ -17,7 +22,8 @@ Points:
   routed:native  the trained routers at their own threshold (0.5).
   routed-NAME:native / routed-NAME:C  the same for another recorded router set (ROUTER_SETS):
                  ``prompt`` (trained with ``--route_on prompt``), ``prompt-distill`` (``--route_on
-                 prompt --loss lm+distill``), ``prompt-distill-seed7`` (the same, ``--seed 7``).
+                 prompt --loss lm+distill``), ``prompt-distill-seed7`` (the same, ``--seed 7``),
+                 ``prompt-distill-gs04`` (the same, ``--gradient_scale 0.04``: skips more).
   routed:C       the same routers, thresholds calibrated (``global``) so that C of the routed
                  attention units are kept on the calibration data (the last 64 builtin
                  examples; none of them trained on, none of them evaluation data), routing on
@@ -60,6 +66,7 @@ ROUTER_SETS = {
     "prompt": RESULTS / "routers-smollm2-attn_sequence-prompt",  # --route_on prompt
     "prompt-distill": RESULTS / "routers-smollm2-attn_sequence-prompt-distill",  # + --loss lm+distill
     "prompt-distill-seed7": RESULTS / "routers-smollm2-attn_sequence-prompt-distill-seed7",  # + --seed 7
+    "prompt-distill-gs04": RESULTS / "routers-smollm2-attn_sequence-prompt-distill-gs04",  # + --gradient_scale 0.04
 }
 MODEL = "smollm2-135m-instruct"
 
@@ -357,6 +364,7 @@ def _plot(data: dict[str, Any], path: Path) -> None:
         "routed, trained on prompts": lambda p: p.startswith("routed-prompt:"),
         "routed, prompts + distillation": lambda p: p.startswith("routed-prompt-distill:"),
         "routed, prompts + distillation, seed 7": lambda p: p.startswith("routed-prompt-distill-seed7:"),
+        "routed, prompts + distillation, gradient_scale 0.04": lambda p: p.startswith("routed-prompt-distill-gs04:"),
         "attention drop": lambda p: p.startswith("drop:"),
     }
     panels = {
