@@ -4,11 +4,11 @@
     routertune calibrate --routers runs/rt --target_capacity 0.6 --method per_layer --output runs/rt-0.6
 
 Records the routers' scores on instruction examples (sequence routers deciding on each
-example's prompt, as generation and ``routertune eval`` route, unless ``--route_on all``), sets one global (or per-layer) score
-quantile as keep thresholds so that the routed model keeps the requested share of routed
-units, checks the share on held-out examples, and saves the routers with their thresholds
-(``layer_thresholds`` in router_config.json) plus ``calibration.json``. See
-docs/baselines.md for the method and its measurements.
+example's prompt, as generation and ``routertune eval`` route, unless ``--route_on all``),
+sets one global (or per-layer) score quantile as keep thresholds so that the routed model
+keeps the requested share of routed units, checks the share on held-out examples, and saves
+the routers with their thresholds (``layer_thresholds`` in router_config.json) plus
+``calibration.json``. See docs/baselines.md for the method and its measurements.
 """
 
 from __future__ import annotations
