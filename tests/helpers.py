@@ -18,25 +18,34 @@ CHATML_TEMPLATE = (
 )
 
 
-def byte_chat_tokenizer(model_max_length: int = 1024, padding_side: str = "right"):
-    """Every byte is a token (no merges; 259 ids); ids 0-2 are pad / bos / eos; a ChatML-style
-    template. Builds in milliseconds, no files."""
+def byte_level_tokenizer(tokens: list[str], merges: list[tuple[str, str]] = (), **special_tokens):
+    """A fast byte-level BPE tokenizer over ``tokens`` (id = position) with ``merges`` and the
+    ChatML-style template; ``special_tokens`` (pad_token=..., model_max_length=...) go to
+    ``PreTrainedTokenizerFast``. Builds in milliseconds, no files."""
     from tokenizers import Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
-    tokens = BYTE_SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[]))
+    backend = Tokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=list(merges)))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **special_tokens)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def byte_chat_tokenizer(model_max_length: int = 1024, padding_side: str = "right"):
+    """Every byte is a token (no merges; 259 ids); ids 0-2 are pad / bos / eos; a ChatML-style
+    template."""
+    from tokenizers import pre_tokenizers
+
+    tokenizer = byte_level_tokenizer(
+        BYTE_SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet()),
         pad_token="<|pad|>",
         bos_token="<|im_start|>",
         eos_token="<|im_end|>",
         model_max_length=model_max_length,
     )
-    tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.padding_side = padding_side
     return tokenizer
 

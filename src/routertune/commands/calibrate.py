@@ -84,12 +84,13 @@ def calibrate_command(
 ) -> None:
     """Calibrate router thresholds so the routed model keeps a target share of routed units."""
     from routertune.calibrate import CALIBRATION_METHODS
+    from routertune.data.encode import ROUTE_ON
 
     if not 0.0 <= target_capacity <= 1.0:
         _fail(f"--target_capacity must be in [0, 1]; got {target_capacity:g}")
     if method not in CALIBRATION_METHODS:
         _fail(f"--method must be one of {', '.join(CALIBRATION_METHODS)}; got {method!r}")
-    if route_on not in ("prompt", "all"):
+    if route_on not in ROUTE_ON:
         _fail(f"--route_on must be 'prompt' or 'all'; got {route_on!r}")
     if (
         n < 1

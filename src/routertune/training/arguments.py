@@ -17,6 +17,7 @@ from pathlib import Path
 from transformers import HfArgumentParser, TrainingArguments
 
 from routertune.config import GRANULARITIES, RouterConfig, RouterConfigError
+from routertune.data.encode import ROUTE_ON
 from routertune.models import DEFAULT_MODEL
 from routertune.training.losses import DISTILL_TOKENS, LOSS_MODES
 
@@ -337,7 +338,7 @@ def validate(config: TrainConfig) -> None:
         raise TrainArgumentError(f"--validation_samples must be >= 0; got {d.validation_samples}")
     if d.max_seq_length < 2:
         raise TrainArgumentError(f"--max_seq_length must be >= 2; got {d.max_seq_length}")
-    if d.route_on not in ("all", "prompt"):
+    if d.route_on not in ROUTE_ON:
         raise TrainArgumentError(f"--route_on must be 'all' or 'prompt'; got {d.route_on!r}")
     if loss.distill_weight < 0:
         raise TrainArgumentError(f"--distill_weight must be >= 0; got {loss.distill_weight}")
