@@ -230,19 +230,24 @@ def test_make_batches_pads_left_and_sorts_by_length():
 def test_make_batches_route_on_prompt_marks_the_tokens_before_the_answer():
     tok = byte_chat_tokenizer()
     examples = chat_examples(5)
-    plain = make_batches(tok, examples, batch_size=2, max_length=80)
-    prompt = make_batches(tok, examples + ["a text is all prompt"], batch_size=2, max_length=80, route_on="prompt")
+    plain = make_batches(tok, examples, batch_size=2, max_length=512)
+    prompt = make_batches(tok, examples + ["a text is all prompt"], batch_size=2, max_length=512, route_on="prompt")
     assert all("routing_mask" not in b for b in plain)
-    for b in prompt[:-1]:
+    answered = texts = 0
+    for b in prompt:
         routing, labels, mask = b["routing_mask"], b["labels"], b["attention_mask"]
         assert (routing[mask == 0] == 0).all()  # padding is never decided on
         for r in range(routing.shape[0]):
             answer = (labels[r] != -100).nonzero()
-            first = int(answer[0]) if len(answer) else routing.shape[1]
-            assert int(first) > 0 and (routing[r, :first] == mask[r, :first]).all()  # the prompt ...
-            assert (routing[r, first:] == 0).all()  # ... and nothing from the first answer token on
-    text = [b for b in prompt if "labels" not in b or (b["labels"] == -100).all()]
-    assert text and (text[0]["routing_mask"] == text[0]["attention_mask"]).all()
+            if len(answer):  # an example: its prompt ...
+                first = int(answer[0])
+                assert first > 0 and (routing[r, :first] == mask[r, :first]).all()
+                assert (routing[r, first:] == 0).all()  # ... and nothing from the first answer token on
+                answered += 1
+            else:  # the text: all of it
+                assert (routing[r] == mask[r]).all()
+                texts += 1
+    assert (answered, texts) == (len(examples), 1)  # every example kept its answer within 512 tokens
     with pytest.raises(CalibrationError, match="route_on"):
         make_batches(tok, examples, route_on="context")
 
@@ -252,7 +257,8 @@ def test_calibrating_on_prompts_keeps_the_share_on_the_prompts_alone():
     prompt is run alone, as generation routes; calibrated on whole conversations they need not."""
     tok = byte_chat_tokenizer()
     examples = chat_examples(24, seed=3)
-    batches = make_batches(tok, examples, batch_size=1, max_length=96, route_on="prompt")
+    batches = make_batches(tok, examples, batch_size=1, max_length=512, route_on="prompt")
+    assert all((b["labels"] != -100).any() for b in batches)  # each has an answer after its prompt
     prompts = [
         {k: b[k][:, b["routing_mask"][0].bool()] for k in ("input_ids", "attention_mask")} for b in batches
     ]
