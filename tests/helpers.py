@@ -50,23 +50,51 @@ def byte_chat_tokenizer(model_max_length: int = 1024, padding_side: str = "right
     return tokenizer
 
 
-def tiny_model(arch: str, seed: int = 0, attn_implementation: str = "sdpa"):
-    """A 4-layer, hidden-64 random model of the given architecture, in eval mode."""
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+def _family_configs(common: dict) -> dict:
+    """Tiny random configs per decoder family (hidden 64, 4 layers), as transformers' tests build them."""
+    import transformers as T
 
+    heads = dict(num_attention_heads=4, num_key_value_heads=2)
+    return {
+        "llama": (T.LlamaForCausalLM, T.LlamaConfig(**common, **heads)),
+        # A window shorter than the test sequences, so the sliding mask really matters.
+        "mistral": (T.MistralForCausalLM, T.MistralConfig(sliding_window=6, **common, **heads)),
+        "qwen2": (T.Qwen2ForCausalLM, T.Qwen2Config(**common, **heads)),
+        "qwen3": (T.Qwen3ForCausalLM, T.Qwen3Config(head_dim=16, **common, **heads)),
+        # Gemma 2/3: post-norms on both branches, alternating sliding / full layers (window 6)
+        "gemma2": (
+            T.Gemma2ForCausalLM,
+            T.Gemma2Config(head_dim=16, sliding_window=6, **{**common, "attn_implementation": "eager"}, **heads),
+        ),
+        "gemma3": (
+            T.Gemma3ForCausalLM,
+            T.Gemma3TextConfig(
+                head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"] * 2, **common, **heads
+            ),
+        ),
+        # Granite: residual, embedding, attention multipliers and logits scaling away from 1
+        "granite": (
+            T.GraniteForCausalLM,
+            T.GraniteConfig(
+                residual_multiplier=0.4, embedding_multiplier=3.0, attention_multiplier=0.2, logits_scaling=2.0,
+                **common, **heads,
+            ),
+        ),
+        "olmo2": (T.Olmo2ForCausalLM, T.Olmo2Config(**common, **heads)),
+        "phi3": (T.Phi3ForCausalLM, T.Phi3Config(**common, **heads)),
+        # GPT-NeoX: parallel residual, partial rotary, fused interleaved qkv
+        "gpt_neox": (T.GPTNeoXForCausalLM, T.GPTNeoXConfig(rotary_pct=0.5, num_attention_heads=4, **common)),
+        # Cohere: attention and MLP in parallel from one LayerNorm, interleaved rotary, q/k norms
+        "cohere": (T.CohereForCausalLM, T.CohereConfig(use_qk_norm=True, **common, **heads)),
+    }
+
+
+def tiny_model(arch: str, seed: int = 0, attn_implementation: str = "sdpa"):
+    """A 4-layer, hidden-64 random model of the given family, in eval mode."""
     common = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         vocab_size=VOCAB,
         max_position_embeddings=256,
         pad_token_id=0,
@@ -74,20 +102,17 @@ def tiny_model(arch: str, seed: int = 0, attn_implementation: str = "sdpa"):
         bos_token_id=2,
         attn_implementation=attn_implementation,
     )
-    torch.manual_seed(seed)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    elif arch == "mistral":
-        # A window shorter than the test sequences, so the sliding mask really matters.
-        model = MistralForCausalLM(MistralConfig(sliding_window=6, **common))
-    elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    else:
+    families = _family_configs(common)
+    if arch not in families:
         raise ValueError(arch)
-    return model.eval()
+    cls, config = families[arch]
+    torch.manual_seed(seed)
+    return cls(config).eval()
 
 
+# The families of the original three-family tests; FAMILIES is every family routertune supports.
 ARCHS = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "granite", "olmo2", "phi3", "gpt_neox", "cohere")
 
 
 class ZeroAttention(nn.Module):
@@ -104,13 +129,16 @@ class ZeroMLP(nn.Module):
 
 def without_sublayers(model: nn.Module, layer_ids, target: str) -> nn.Module:
     """A copy of the plain model with the target sub-layers of ``layer_ids`` deleted."""
+    from oracle import layout, plain_layers
+
     ref = copy.deepcopy(model)
+    _, _, attn, mlp = layout(ref)
     for i in layer_ids:
-        layer = ref.model.layers[i]
+        layer = plain_layers(ref)[i]
         if target in ("attn", "block"):
-            layer.self_attn = ZeroAttention()
+            setattr(layer, attn, ZeroAttention())
         if target in ("mlp", "block"):
-            layer.mlp = ZeroMLP()
+            setattr(layer, mlp, ZeroMLP())
     return ref
 
 

@@ -20,6 +20,11 @@ LAYOUT = {
     "gpt_neox": ("gpt_neox", "layers", "attention", "mlp"),
 }
 DEFAULT_LAYOUT = ("model", "layers", "self_attn", "mlp")
+# Families whose branches end in a post-norm: the module whose output is added to the residual.
+BRANCH_ENDS = {
+    family: {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"}
+    for family in ("gemma2", "gemma3_text", "olmo2")
+}
 
 
 def layout(model: nn.Module) -> tuple[str, str, str, str]:
@@ -135,3 +140,53 @@ def hand_routed_logits(
         logits = plain(input_ids, attention_mask=attention_mask).logits
     zeroed.remove()
     return logits, decisions, thresholds
+
+
+def straight_through_router_grads(
+    plain: nn.Module, layers: list[int], granularity: str, input_ids: torch.Tensor
+) -> dict[int, torch.Tensor]:
+    """The straight-through gradient of zero-initialised routers, from the plain model.
+
+    With zero weights every score is sigmoid(0) = 0.5 and every unit is kept; the gate's forward
+    value is 1 and its gradient reaches the score unchanged, so for a branch output ``b`` scaled
+    by the gate, ``dL/dw = sum_units dL/dg * sigmoid'(0) * x = sum dL/dg * 0.25 * x``, where ``x``
+    is the unit's router input. ``dL/dg`` is taken with a scale of 1 at the end of each routed
+    branch (after a family's post-norm) in the plain model.
+    """
+    target, unit = granularity.split("_")
+    parts = {"attn": ("attn",), "mlp": ("mlp",), "block": ("attn", "mlp")}[target]
+    B, T = input_ids.shape
+    shape = (B, 1, 1) if unit == "sequence" else (B, T, 1)
+    scales = {i: torch.ones(shape, requires_grad=True) for i in layers}
+    inputs: dict[int, torch.Tensor] = {}
+    handles = []
+    ends = BRANCH_ENDS.get(plain.config.model_type, {})
+    for i in layers:
+        handles.append(
+            sublayer(plain, i, "attn").register_forward_pre_hook(
+                lambda m, a, k, i=i: inputs.__setitem__(i, attention_input(a, k).detach()), with_kwargs=True
+            )
+        )
+        for part in parts:
+            module = getattr(plain_layers(plain)[i], ends[part]) if part in ends else sublayer(plain, i, part)
+
+            def scale(m, a, out, i=i):
+                first = out[0] if isinstance(out, tuple) else out
+                scaled = first * scales[i].to(first.dtype)
+                return (scaled, *out[1:]) if isinstance(out, tuple) else scaled
+
+            handles.append(module.register_forward_hook(scale))
+    was_training = plain.training
+    plain.train()
+    for p in plain.parameters():
+        p.requires_grad_(False)
+    plain(input_ids, labels=input_ids).loss.backward()
+    plain.train(was_training)
+    for h in handles:
+        h.remove()
+    grads = {}
+    for i in layers:
+        x = inputs[i].float()
+        x = x.mean(1, keepdim=True) if unit == "sequence" else x  # (B, 1|T, C)
+        grads[i] = (scales[i].grad * 0.25 * x).sum((0, 1)).reshape(1, -1)
+    return grads

@@ -112,7 +112,8 @@ def test_drop_really_skips_and_equals_deleted_sublayers(arch):
     assert dropped == [2, 4]  # layers 0 and 5 are not candidates, whatever their importance
     calls = {i: 0 for i in range(6)}
     for i, layer in enumerate(model.model.layers):
-        layer.self_attn.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+        attention = getattr(layer.self_attn, "base_layer", layer.self_attn)  # the model's own module
+        attention.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
     (batch,) = random_batches(n_batches=1)
     with torch.no_grad():
         out = model(**batch).logits

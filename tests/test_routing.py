@@ -8,6 +8,7 @@ import torch
 from routertune import GRANULARITIES, RouterConfig, attach_routers, detach_routers
 from routertune.model import (
     all_units_kept,
+    get_router_config,
     capacity_regularizer,
     routed_layers,
     router_parameters,
@@ -51,7 +52,8 @@ def test_skipped_units_are_not_computed(granularity):
     for i in cfg.routed_layer_indices(4):
         layer = model.model.layers[i]
         for part in ("self_attn", "mlp"):
-            getattr(layer, part).register_forward_hook(
+            module = getattr(layer, part)  # the model's own module, inside routertune's wrapper if any
+            getattr(module, "base_layer", module).register_forward_hook(
                 lambda m, a, o, i=i, part=part: calls.append((i, part))
             )
         for proj in ("q_proj", "o_proj"):
@@ -224,13 +226,25 @@ def test_attach_twice_is_an_error():
 
 
 def test_unsupported_architecture_names_the_layer_class():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BloomConfig, BloomForCausalLM, MambaConfig, MambaForCausalLM
 
     from routertune import UnsupportedArchitectureError
 
-    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50))
-    with pytest.raises(UnsupportedArchitectureError):
-        attach_routers(model, RouterConfig(router_layers=1))
+    # no attention sub-module at all
+    model = MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=4, vocab_size=50))
+    with pytest.raises(UnsupportedArchitectureError, match="MambaBlock"):
+        attach_routers(model, RouterConfig(router_layers=2))
+    # found by name, refused by the attach-time probe: ALiBi biases are laid out per (batch x head),
+    # so the kept rows of a mixed batch cannot be sliced out; the model is left as it was
+    model = BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=4, n_head=2, vocab_size=50)).eval()
+    ids = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        ref = model(ids).logits
+    with pytest.raises(UnsupportedArchitectureError, match="BloomBlock .*a mixed decision"):
+        attach_routers(model, RouterConfig(router_layers=2))
+    assert get_router_config(model) is None
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
 
 
 def test_generic_layer_with_the_four_parts_is_routed():

@@ -25,13 +25,22 @@ from routertune.arch import (
 )
 from routertune.config import RouterConfig, RouterConfigError
 from routertune.io_utils import atomic_path, atomic_write_text
-from routertune.layers import ROUTING_MASK_KWARG, TOKEN_MASK_KWARG, LayerRouting, routed_class
+from routertune.layers import (
+    ROUTING_MASK_KWARG,
+    TOKEN_MASK_KWARG,
+    BranchGate,
+    LayerRouting,
+    RoutedAttention,
+    RoutedMLP,
+    enter_layer,
+    leave_layer,
+)
 from routertune.router import Router
 
 CONFIG_NAME = "router_config.json"
 WEIGHTS_NAME = "routers.safetensors"
 _CONFIG_ATTR = "routertune_config"
-_HOOK_ATTR = "_routertune_mask_hook"
+_HOOK_ATTR = "_routertune_hooks"
 # Forward keyword of a routed model: (B, T) mask of the tokens each sequence router decides on,
 # e.g. ``model(input_ids, attention_mask=..., routing_mask=prompt_mask)`` routes a prompt +
 # answer sequence on its prompt alone, as generation does. Ignored by token routers.
@@ -64,17 +73,26 @@ class RouterLoadError(ValueError):
 # --------------------------------------------------------------------------------------------
 # attach / detach
 # --------------------------------------------------------------------------------------------
-def attach_routers(model: nn.Module, config: RouterConfig | None = None) -> nn.Module:
+def attach_routers(model: nn.Module, config: RouterConfig | None = None, probe: bool = True) -> nn.Module:
     """Adds zero-initialised routers to ``model`` in place and returns it.
 
-    Every decoder layer's class is swapped for a routed subclass; layers chosen by ``config``
-    get a router. Nothing is frozen here (training code freezes by structure, see
-    :func:`router_parameters`).
+    The attention (and, for ``mlp_*`` / ``block_*``, the MLP) of every routed layer is wrapped
+    (:mod:`routertune.layers`); the decoder layers themselves are left as they are. Nothing is
+    frozen here (training code freezes by structure, see :func:`router_parameters`).
+
+    Args:
+        probe: run the attach-time check (:func:`routertune.probe.probe_routed_layers`): each
+            routed layer class must equal the plain layer with routers on, and the layer with
+            the routed sub-layer's output zeroed when skipping; refuses the model otherwise.
+            A few milliseconds on small models (docs/design.md); turn it off only for models
+            that cannot run a forward where they are attached (e.g. meta-device weights).
 
     Raises:
-        UnsupportedArchitectureError: decoder layers without the pre-norm attention/MLP parts.
+        UnsupportedArchitectureError: a family that cannot be routed exactly, named.
         RouterConfigError: the config asks for layers the model cannot route.
     """
+    from routertune.probe import capture_layer_calls, probe_routed_layers
+
     config = config or RouterConfig()
     if get_router_config(model) is not None:
         raise RouterConfigError("this model already has routers; call detach_routers(model) first")
@@ -93,33 +111,57 @@ def attach_routers(model: nn.Module, config: RouterConfig | None = None) -> nn.M
         indices = [i for i in indices if i not in anchors]
     if not indices:
         raise RouterConfigError(f"no layer to route in a model with {num_layers} layers (config: {config})")
+    calls = capture_layer_calls(model, indices, config.target, config.unit) if probe else None
     hidden = model.config.hidden_size
+    handles = [base_model(model).register_forward_pre_hook(_pass_token_mask, with_kwargs=True)]
     for idx, layer in enumerate(layers):
-        layer.__class__ = routed_class(type(layer))
+        handles.append(layer.register_forward_pre_hook(enter_layer, with_kwargs=True))
         if idx in indices:
-            device = next(layer.parameters()).device
-            layer.router = Router(hidden, config.threshold_for(idx)).to(device)
-            layer.routing = LayerRouting(idx, config.target, config.unit, spec)
-        else:
-            layer.router = None
-            layer.routing = None
+            _wrap_layer(layer, idx, config, spec, hidden)
+            handles.append(layer.register_forward_hook(leave_layer))
     setattr(model, _CONFIG_ATTR, config)
-    handle = base_model(model).register_forward_pre_hook(_pass_token_mask, with_kwargs=True)
-    setattr(model, _HOOK_ATTR, handle)
+    setattr(model, _HOOK_ATTR, handles)
+    if calls is not None:
+        try:
+            probe_routed_layers(model, calls)
+        except BaseException:
+            detach_routers(model)
+            raise
     return model
 
 
+def _wrap_layer(layer: nn.Module, idx: int, config: RouterConfig, spec, hidden: int) -> None:
+    routing = LayerRouting(idx, config.target, config.unit, spec)
+    attention = getattr(layer, spec.attention)
+    router = Router(hidden, config.threshold_for(idx)).to(_device_of(attention))
+    routes_attention = config.target in ("attn", "block")
+    layer._routertune_routing = routing
+    setattr(layer, spec.attention, RoutedAttention(attention, routing, router, routes=routes_attention))
+    parts = {"attn": ["attn"], "mlp": ["mlp"], "block": ["attn", "mlp"]}[config.target]
+    if "mlp" in parts:
+        setattr(layer, spec.mlp, RoutedMLP(getattr(layer, spec.mlp), routing))
+    for part in parts:
+        if part in spec.branch_end:
+            name = spec.branch_end[part]
+            setattr(layer, name, BranchGate(getattr(layer, name), routing))
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def detach_routers(model: nn.Module) -> nn.Module:
-    """Removes routers and restores the original decoder layer classes (in place)."""
+    """Removes routers and restores the original sub-layer modules (in place)."""
     if get_router_config(model) is None:
         return model
     for layer in decoder_layers(model):
-        base = getattr(type(layer), "_routertune_base", None)
-        if base is not None:
-            del layer.router
-            del layer.routing
-            layer.__class__ = base
-    getattr(model, _HOOK_ATTR).remove()
+        for name, child in list(layer.named_children()):
+            if isinstance(child, (RoutedAttention, RoutedMLP, BranchGate)):
+                setattr(layer, name, child.base_layer)
+        layer.__dict__.pop("_routertune_routing", None)
+    for handle in getattr(model, _HOOK_ATTR):
+        handle.remove()
     delattr(model, _HOOK_ATTR)
     delattr(model, _CONFIG_ATTR)
     return model
@@ -151,14 +193,16 @@ def get_router_config(model: nn.Module) -> RouterConfig | None:
     return getattr(model, _CONFIG_ATTR, None)
 
 
-def routed_layers(model: nn.Module) -> dict[int, nn.Module]:
-    """Layer index -> decoder layer, for layers that carry a router."""
+def routed_layers(model: nn.Module) -> dict[int, RoutedAttention]:
+    """Layer index -> the routing module of each routed layer (its ``.router``, its ``.routing``:
+    the wrapped attention, where every target's decision is made)."""
     if get_router_config(model) is None:
         return {}
     return {
-        i: layer
+        i: child
         for i, layer in enumerate(decoder_layers(model))
-        if getattr(layer, "router", None) is not None
+        for child in layer.children()
+        if isinstance(child, RoutedAttention)
     }
 
 
