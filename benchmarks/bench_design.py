@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 import routertune.layers as L
+import routertune.token_attention as TA
 from routertune import RouterConfig, attach_routers
 from routertune.benchmark import (
     environment,
@@ -51,57 +52,61 @@ RESULTS = Path(__file__).parent / "results"
 
 
 # ---- (a) alternatives for mixed-row attention ---------------------------------------------------
-def rows_attention_update(layer, normed, rows, attn_kwargs) -> torch.Tensor:
-    """Attention update ``(B, T, C)`` for the batch rows ``rows`` only (zeros elsewhere).
+def rows_attention_update(wrapper, x, rows, kwargs, cache) -> torch.Tensor:
+    """Attention output ``(B, T, C)`` for the batch rows ``rows`` only (zeros elsewhere).
 
     Keys/values are computed for EVERY row and written to the cache; queries, the attention
-    kernel and o_proj only for ``rows``.
+    kernel and o_proj only for ``rows``. ``wrapper`` is a ``RoutedAttention``; ``x`` its input.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    attn = layer.self_attn
-    B, T, C = normed.shape
-    hd = attn.head_dim
-    cos, sin = attn_kwargs["position_embeddings"]
-    k = L._apply_rotary(attn.k_proj(normed).view(B, T, -1, hd).transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
-    v = attn.v_proj(normed).view(B, T, -1, hd).transpose(1, 2)
-    cache = attn_kwargs["cache"]
-    if cache is not None:
-        k, v = cache.update(k, v, attn.layer_idx)
+    attn, spec = wrapper.base_layer, wrapper.routing.arch
+    B, T, C = x.shape
+    k, v = TA.keys_and_values(attn, spec, x, kwargs["position_embeddings"], cache)  # (B, Hkv, S, D)
     K = rows.shape[0]
-    q = attn.q_proj(normed.index_select(0, rows)).view(K, T, -1, hd).transpose(1, 2)  # (K, H, T, D)
-    cos_r, sin_r = L._select_rows((cos, sin), rows, B)
-    q = L._apply_rotary(q, cos_r, sin_r)
-    mask = L._select_rows(attn_kwargs["attention_mask"], rows, B)
+    q = TA._heads(attn, spec, attn.q_proj, "q_norm", x.index_select(0, rows))  # (K, H, T, D)
+    cos_r, sin_r = L._select_rows(kwargs["position_embeddings"], rows, B)
+    q = TA._rotary(attn, q, cos_r, sin_r)
+    mask = L._select_rows(kwargs.get("attention_mask"), rows, B)
     out, _ = sdpa_attention_forward(
         attn, q, k.index_select(0, rows), v.index_select(0, rows), mask, dropout=0.0, scaling=attn.scaling
     )
     out = attn.o_proj(out.reshape(K, T, -1))  # (K, T, C)
-    return normed.new_zeros(B, T, C).index_copy(0, rows, out.to(normed.dtype))
+    return x.new_zeros(B, T, C).index_copy(0, rows, out.to(x.dtype))
 
 
-def _attention_rows_with_all_kv(self, hidden_states, normed, route, attn_kwargs):
+_CURRENT_ROWS = L.RoutedAttention._run_rows
+
+
+def _attention_rows_with_all_kv(self, route, hidden, args, kwargs):
     """(a) alternative: real keys/values for every row, queries/attention/o_proj for kept rows."""
-    if route.none_kept:
-        return hidden_states
-    return hidden_states + rows_attention_update(self, normed, route.kept_rows, attn_kwargs)
+    if route.all_kept or route.none_kept:
+        return _CURRENT_ROWS(self, route, hidden, args, kwargs)
+    cache = next((kwargs[k] for k in L.CACHE_KWARGS if kwargs.get(k) is not None), None)
+    return rows_attention_update(self, hidden, route.kept_rows, kwargs, cache), None
 
 
-_CURRENT_TOKEN_ATTENTION = L.RoutedLayerMixin._token_attention
+_CURRENT_TOKEN_ATTENTION = L.RoutedAttention._run_tokens
 
 
-def _token_attention_rows_at_decode(self, normed, keep, max_kept, attn_kwargs):
+def _token_attention_rows_at_decode(self, d, hidden, cache, args, kwargs):
     """(b) proposal: at a decode step (one token per row) of a batch, select the kept ROWS.
 
     The current code pads every row to one query slot, so a step in which any row keeps its
     token computes queries, attention and o_proj for every row (plus the gather/sort/scatter
     and an explicit mask). Selecting the kept rows computes them for kept tokens only.
     """
-    B, T, _ = normed.shape
-    if T == 1 and B > 1 and max_kept == 1 and L._rows_selectable(attn_kwargs["attention_mask"]):
-        rows = keep[:, 0].nonzero().squeeze(1)
-        return rows_attention_update(self, normed, rows, attn_kwargs)
-    return _CURRENT_TOKEN_ATTENTION(self, normed, keep, max_kept, attn_kwargs)
+    B, T, _ = hidden.shape
+    if (
+        T == 1
+        and B > 1
+        and not d.all_kept
+        and d.max_kept == 1
+        and L._rows_selectable(kwargs.get("attention_mask"))
+    ):
+        rows = d.keep[:, 0].nonzero().squeeze(1)
+        return rows_attention_update(self, hidden, rows, kwargs, cache), None
+    return _CURRENT_TOKEN_ATTENTION(self, d, hidden, cache, args, kwargs)
 
 
 @contextlib.contextmanager
@@ -144,8 +149,13 @@ def check_same_outputs(model, ids, variants: dict[str, Callable], cache_factory=
         results[name] = torch.stack(trace)
     names = list(results)
     for name in names[1:]:
-        torch.testing.assert_close(results[name], results[names[0]], rtol=1e-3, atol=1e-3,
-                                   msg=lambda m, n=name: f"{n} differs from {names[0]}: {m}")
+        torch.testing.assert_close(
+            results[name],
+            results[names[0]],
+            rtol=1e-3,
+            atol=1e-3,
+            msg=lambda m, n=name: f"{n} differs from {names[0]}: {m}",
+        )
 
 
 # ---- measuring ---------------------------------------------------------------------------------
@@ -172,7 +182,8 @@ def summarize(times, kv, flops: dict[str, dict[str, float]], baseline: str = "de
 
 def phase_totals(shape, context, batch, new_tokens, works) -> dict[str, float]:
     return {
-        phase: phase_flops(shape, phase, context, batch, works, new_tokens).total for phase in ("prefill", "decode")
+        phase: phase_flops(shape, phase, context, batch, works, new_tokens).total
+        for phase in ("prefill", "decode")
     }
 
 
@@ -197,12 +208,16 @@ def measure_kv_rows(model, args, shape) -> list[dict[str, Any]]:
     variants = {
         "dense": lambda: routers_detached(model),
         "zero_kv_rows": contextlib.nullcontext,  # the library as it is
-        "all_rows_kv": lambda: patched(L.RoutedLayerMixin, "_attention_on_rows", _attention_rows_with_all_kv),
-        "compute_all_mask": lambda: patched(L.RoutedLayerMixin, "_row_kwargs", staticmethod(lambda *a: None)),
+        "all_rows_kv": lambda: patched(L.RoutedAttention, "_run_rows", _attention_rows_with_all_kv),
+        "compute_all_mask": lambda: patched(L, "_rows_of_call", lambda *a: None),
     }
     routed_variants = {k: v for k, v in variants.items() if k != "dense"}
-    check_same_outputs(model, torch.randint(0, shape.vocab, (batch, 24), generator=g), routed_variants,
-                       forced_rows_cache(model, keep))
+    check_same_outputs(
+        model,
+        torch.randint(0, shape.vocab, (batch, 24), generator=g),
+        routed_variants,
+        forced_rows_cache(model, keep),
+    )
     out = []
     for context in args.contexts:
         ids = torch.randint(0, shape.vocab, (batch, context), generator=g)
@@ -212,14 +227,26 @@ def measure_kv_rows(model, args, shape) -> list[dict[str, Any]]:
         half = dict.fromkeys(layers, 0.5)
         flops = {
             "dense": phase_totals(shape, context, batch, args.new_tokens, None),
-            "zero_kv_rows": phase_totals(shape, context, batch, args.new_tokens, routed_works("attn_sequence", half, set())),
+            "zero_kv_rows": phase_totals(
+                shape, context, batch, args.new_tokens, routed_works("attn_sequence", half, set())
+            ),
             "all_rows_kv": phase_totals(
-                shape, context, batch, args.new_tokens, dict.fromkeys(layers, LayerWork(q_o=0.5, kv=1.0, core=0.5))
+                shape,
+                context,
+                batch,
+                args.new_tokens,
+                dict.fromkeys(layers, LayerWork(q_o=0.5, kv=1.0, core=0.5)),
             ),
             "compute_all_mask": phase_totals(shape, context, batch, args.new_tokens, None),
         }
-        out.append({"context": context, "batch": batch, "kept_rows_per_layer": batch // 2,
-                    "variants": summarize(times, kv, flops)})
+        out.append(
+            {
+                "context": context,
+                "batch": batch,
+                "kept_rows_per_layer": batch // 2,
+                "variants": summarize(times, kv, flops),
+            }
+        )
         print(f"kv_rows context {context}: " + _line(out[-1]), file=sys.stderr, flush=True)
     return out
 
@@ -240,34 +267,54 @@ def measure_token_attention(model, args, shape) -> list[dict[str, Any]]:
     variants = {
         "dense": lambda: routers_detached(model),
         "kept_queries": contextlib.nullcontext,  # the library as it is
-        "compute_all_mask": lambda: patched(L, "kept_query_attention_supported", lambda layer: False),
-        "kept_rows_at_decode": lambda: patched(L.RoutedLayerMixin, "_token_attention", _token_attention_rows_at_decode),
+        "compute_all_mask": lambda: patched(L, "supports_kept_queries", lambda attn, spec: False),
+        "kept_rows_at_decode": lambda: patched(
+            L.RoutedAttention, "_run_tokens", _token_attention_rows_at_decode
+        ),
     }
-    check_same_outputs(model, torch.randint(0, shape.vocab, (3, 24), generator=g),
-                       {k: v for k, v in variants.items() if k != "dense"})
+    check_same_outputs(
+        model,
+        torch.randint(0, shape.vocab, (3, 24), generator=g),
+        {k: v for k, v in variants.items() if k != "dense"},
+    )
     out = []
     for context in args.contexts:
         for batch in (1, 8):
             ids = torch.randint(0, shape.vocab, (batch, context), generator=g)
 
             probe = timed_generation(model, ids, args.new_tokens, observe=True)
-            caps = {ph: {int(i): c for i, c in st.per_layer.items()}
-                    for ph, st in (("prefill", probe.capacity_prefill), ("decode", probe.capacity_decode))}
+            caps = {
+                ph: {int(i): c for i, c in st.per_layer.items()}
+                for ph, st in (("prefill", probe.capacity_prefill), ("decode", probe.capacity_decode))
+            }
             times, kv = interleaved_runs(model, ids, args.new_tokens, variants, args.repeats, args.warmup)
             flops = {"dense": phase_totals(shape, context, batch, args.new_tokens, None)}
             flops["kept_queries"] = {
-                ph: phase_flops(shape, ph, context, batch, routed_works("attn_token", caps[ph]), args.new_tokens).total
+                ph: phase_flops(
+                    shape, ph, context, batch, routed_works("attn_token", caps[ph]), args.new_tokens
+                ).total
                 for ph in ("prefill", "decode")
             }
             ones = dict.fromkeys(layers, 1.0)  # computing everything = keeping everything, plus the router
             flops["kept_rows_at_decode"] = flops["kept_queries"]
             flops["compute_all_mask"] = {
-                ph: phase_flops(shape, ph, context, batch, routed_works("attn_token", ones), args.new_tokens).total
+                ph: phase_flops(
+                    shape, ph, context, batch, routed_works("attn_token", ones), args.new_tokens
+                ).total
                 for ph in ("prefill", "decode")
             }
             overall = {ph: statistics.fmean(c.values()) for ph, c in caps.items()}
-            out.append({"context": context, "batch": batch, "capacity": overall, "variants": summarize(times, kv, flops)})
-            print(f"token_attn context {context} batch {batch}: " + _line(out[-1]), file=sys.stderr, flush=True)
+            out.append(
+                {
+                    "context": context,
+                    "batch": batch,
+                    "capacity": overall,
+                    "variants": summarize(times, kv, flops),
+                }
+            )
+            print(
+                f"token_attn context {context} batch {batch}: " + _line(out[-1]), file=sys.stderr, flush=True
+            )
     return out
 
 
@@ -285,10 +332,19 @@ def measure_overhead(model, args, shape) -> list[dict[str, Any]]:
             for batch in (1, 8):
                 ids = torch.randint(0, shape.vocab, (batch, context), generator=g)
                 times, kv = interleaved_runs(model, ids, args.new_tokens, variants, args.repeats, args.warmup)
-                out.append({"granularity": granularity, "context": context, "batch": batch,
-                            "variants": summarize(times, kv, {})})
-                print(f"overhead {granularity} context {context} batch {batch}: " + _line(out[-1]),
-                      file=sys.stderr, flush=True)
+                out.append(
+                    {
+                        "granularity": granularity,
+                        "context": context,
+                        "batch": batch,
+                        "variants": summarize(times, kv, {}),
+                    }
+                )
+                print(
+                    f"overhead {granularity} context {context} batch {batch}: " + _line(out[-1]),
+                    file=sys.stderr,
+                    flush=True,
+                )
     return out
 
 
@@ -301,8 +357,14 @@ def measure_overhead_micro(model, args, shape) -> list[dict[str, Any]]:
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=30, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=30,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
     tiny = LlamaForCausalLM(config).eval()
     attach_routers(tiny, RouterConfig(router_layers=16))
     steps = args.micro_steps
@@ -377,8 +439,10 @@ def markdown(runs: dict[str, Any]) -> str:
                     "",
                 ]
             continue
-        lines += ["| cell | variant | prefill s | prefill speedup | ideal | decode s | decode speedup | ideal | KV MiB |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "| cell | variant | prefill s | prefill speedup | ideal | decode s | decode speedup | ideal | KV MiB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for entry in run["entries"]:
             cell = ", ".join(f"{k} {entry[k]}" for k in ("granularity", "context", "batch") if k in entry)
             for name, v in entry["variants"].items():
@@ -411,14 +475,18 @@ def _opt(x: float | None) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--only", choices=("kv_rows", "token_attn", "overhead", "overhead_micro"), action="append")
+    parser.add_argument(
+        "--only", choices=("kv_rows", "token_attn", "overhead", "overhead_micro"), action="append"
+    )
     parser.add_argument("--context", dest="contexts", type=int, action="append")
     parser.add_argument("--new_tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--router_layers", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--micro_steps", type=int, default=300, help="decode steps per sample in overhead_micro")
+    parser.add_argument(
+        "--micro_steps", type=int, default=300, help="decode steps per sample in overhead_micro"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_design")
     args = parser.parse_args(argv)
     args.contexts = args.contexts or [512]
@@ -446,7 +514,9 @@ def main(argv: list[str] | None = None) -> None:
             "entries": entries,
         }
         # Written after every measurement: a long run that is stopped keeps what it finished.
-        atomic_write_text(json_path, json.dumps({"schema": "routertune.bench_design/1", "runs": runs}, indent=2) + "\n")
+        atomic_write_text(
+            json_path, json.dumps({"schema": "routertune.bench_design/1", "runs": runs}, indent=2) + "\n"
+        )
         atomic_write_text(args.out.with_suffix(".md"), markdown(runs))
     print(markdown(runs))
 

@@ -64,20 +64,30 @@ def _family_configs(common: dict) -> dict:
         # Gemma 2/3: post-norms on both branches, alternating sliding / full layers (window 6)
         "gemma2": (
             T.Gemma2ForCausalLM,
-            T.Gemma2Config(head_dim=16, sliding_window=6, **{**common, "attn_implementation": "eager"}, **heads),
+            T.Gemma2Config(
+                head_dim=16, sliding_window=6, **{**common, "attn_implementation": "eager"}, **heads
+            ),
         ),
         "gemma3": (
             T.Gemma3ForCausalLM,
             T.Gemma3TextConfig(
-                head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"] * 2, **common, **heads
+                head_dim=16,
+                sliding_window=6,
+                layer_types=["sliding_attention", "full_attention"] * 2,
+                **common,
+                **heads,
             ),
         ),
         # Granite: residual, embedding, attention multipliers and logits scaling away from 1
         "granite": (
             T.GraniteForCausalLM,
             T.GraniteConfig(
-                residual_multiplier=0.4, embedding_multiplier=3.0, attention_multiplier=0.2, logits_scaling=2.0,
-                **common, **heads,
+                residual_multiplier=0.4,
+                embedding_multiplier=3.0,
+                attention_multiplier=0.2,
+                logits_scaling=2.0,
+                **common,
+                **heads,
             ),
         ),
         "olmo2": (T.Olmo2ForCausalLM, T.Olmo2Config(**common, **heads)),
@@ -112,7 +122,19 @@ def tiny_model(arch: str, seed: int = 0, attn_implementation: str = "sdpa"):
 
 # The families of the original three-family tests; FAMILIES is every family routertune supports.
 ARCHS = ("llama", "mistral", "qwen2")
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "granite", "olmo2", "phi3", "gpt_neox", "cohere")
+FAMILIES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "granite",
+    "olmo2",
+    "phi3",
+    "gpt_neox",
+    "cohere",
+)
 
 
 class ZeroAttention(nn.Module):

@@ -12,7 +12,7 @@ import torch
 
 from routertune import GRANULARITIES, RouterConfig, attach_routers, load_routers, save_routers
 from routertune.generation import kv_cache_layer_lengths
-from routertune.model import router_parameters, routed_layers, set_thresholds
+from routertune.model import routed_layers, router_parameters, set_thresholds
 
 from helpers import FAMILIES, VOCAB, left_padded_batch, randomize_routers, tiny_model, without_sublayers
 from oracle import hand_routed_logits, straight_through_router_grads
@@ -88,7 +88,9 @@ def test_cached_generation_equals_uncached(family, granularity):
     randomize_routers(model, seed=5)
     if granularity.endswith("sequence"):
         # sequence routes are decided on the prompt; fix them so the uncached pass agrees
-        set_thresholds(model, {i: (1.5 if n == 0 else 0.0) for n, i in enumerate(sorted(routed_layers(model)))})
+        set_thresholds(
+            model, {i: (1.5 if n == 0 else 0.0) for n, i in enumerate(sorted(routed_layers(model)))}
+        )
     ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(6))
     out = greedy(model, ids, n=7)
     with torch.no_grad():

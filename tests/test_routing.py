@@ -8,8 +8,8 @@ import torch
 from routertune import GRANULARITIES, RouterConfig, attach_routers, detach_routers
 from routertune.model import (
     all_units_kept,
-    get_router_config,
     capacity_regularizer,
+    get_router_config,
     routed_layers,
     router_parameters,
     set_thresholds,

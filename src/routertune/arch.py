@@ -146,7 +146,9 @@ def arch_spec(model: nn.Module) -> ArchSpec:
                 f"decoder layer class {type(first).__name__} ({model_type}) has no attention "
                 f"({'/'.join(ATTENTION_NAMES)}) or MLP ({'/'.join(MLP_NAMES)}) sub-module to route"
             )
-        spec = ArchSpec(model_type or "unknown", attention=attention, mlp=mlp, kept_queries=False, known=False)
+        spec = ArchSpec(
+            model_type or "unknown", attention=attention, mlp=mlp, kept_queries=False, known=False
+        )
     for layer in layers:
         for part in (spec.attention, spec.mlp, *spec.branch_end.values()):
             if not isinstance(getattr(layer, part, None), nn.Module):

@@ -39,7 +39,7 @@ from torch import nn
 from routertune.arch import CACHE_KWARGS, ArchSpec, UnsupportedArchitectureError
 from routertune.router import Router, masked_sequence_mean, straight_through_gate
 from routertune.routes import ROUTES_ATTR, RowsOfCache, SequenceRoute, routes_of  # noqa: F401 (ROUTES_ATTR re-exported)
-from routertune.token_attention import keys_and_values, kept_query_attention, supports_kept_queries
+from routertune.token_attention import kept_query_attention, keys_and_values, supports_kept_queries
 
 # Keyword argument that carries the 2-D padding mask from the base model to every decoder layer.
 TOKEN_MASK_KWARG = "routertune_token_mask"
@@ -78,8 +78,11 @@ class LayerRouting:
             the capacity regulariser.
         forced_keep: a fixed decision (``(B,)`` or ``(B, T)`` bool) instead of the router's, used
             by the attach-time probe; None in normal use.
-    The per-call fields (masks, cache, decision) are set when the decoder layer is entered and
-    cleared when it returns (:func:`enter_layer` / :func:`leave_layer`).
+        decision: what the attention wrapper decided in the layer's current forward; the MLP and
+            branch-end wrappers, which run after it in the same forward, act on it.
+        mask_sent: set when the model received a padding mask, cleared when the attention wrapper
+            received it: a family whose decoder layer does not pass keyword arguments on to its
+            attention is refused instead of averaging over padding.
     """
 
     def __init__(self, layer_idx: int, target: str, unit: str, arch: ArchSpec) -> None:
@@ -90,40 +93,22 @@ class LayerRouting:
         self.observers: list[Any] = []
         self.last_capacity: torch.Tensor | None = None
         self.forced_keep: torch.Tensor | None = None
-        self.leave()
-
-    def enter(self, token_mask: Any, routing_mask: Any, cache: Any) -> None:
-        self.token_mask, self.routing_mask, self.cache = token_mask, routing_mask, cache
         self.decision: Decision | None = None
-
-    def leave(self) -> None:
-        self.enter(None, None, None)
+        self.mask_sent = False
 
     def notify(self, keep: torch.Tensor, scores: torch.Tensor | None, valid: torch.Tensor | None) -> None:
         for obs in self.observers:
             obs.observe(self.layer_idx, keep, scores, valid)
 
 
-def enter_layer(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook of every decoder layer of a routed model.
-
-    Takes routertune's keyword arguments out (they never reach an attention kernel) and hands
-    them, with the layer's KV cache, to the layer's wrappers. Gradient checkpointing re-runs
-    this hook with the same arguments when it recomputes the layer.
-    """
-    token_mask = kwargs.pop(TOKEN_MASK_KWARG, None)
-    routing_mask = kwargs.pop(ROUTING_MASK_KWARG, None)
-    routing = getattr(layer, "_routertune_routing", None)
-    if routing is not None:
-        cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
-        routing.enter(token_mask, routing_mask, cache)
+def strip_routing_kwargs(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of the decoder layers that carry no router: routertune's keyword
+    arguments never reach their attention kernels. (In routed layers the attention wrapper takes
+    them; they travel as keyword arguments, not module state, so gradient checkpointing's
+    recomputation, which calls the layer's forward without hooks, sees them too.)"""
+    kwargs.pop(TOKEN_MASK_KWARG, None)
+    kwargs.pop(ROUTING_MASK_KWARG, None)
     return args, kwargs
-
-
-def leave_layer(layer: nn.Module, args: tuple, output: Any) -> None:
-    routing = getattr(layer, "_routertune_routing", None)
-    if routing is not None:
-        routing.leave()
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,23 +152,37 @@ class RoutedAttention(_Wrapper):
     def forward(self, *args: Any, **kwargs: Any):
         hidden = args[0] if args else kwargs["hidden_states"]
         r = self.routing
+        token_mask = kwargs.pop(TOKEN_MASK_KWARG, None)
+        routing_mask = kwargs.pop(ROUTING_MASK_KWARG, None)
+        if r.mask_sent and token_mask is None:
+            raise UnsupportedArchitectureError(
+                f"layer {r.layer_idx}: the decoder layer did not pass keyword arguments on to its attention, "
+                "so its router cannot see the padding mask"
+            )
+        r.mask_sent = False
+        cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
         B, T, _ = hidden.shape
-        valid = _valid_tokens(r.token_mask, B, T)
-        if self.training and torch.is_grad_enabled():
-            r.decision = self._gated(hidden, valid)
-        elif r.unit == "sequence":
-            r.decision = Decision(route=self._sequence_route(hidden, valid))
+        valid = _valid_tokens(token_mask, B, T)
+        if r.unit == "sequence":
+            # sequence routers average over the decision tokens; token routers use ``valid``
+            decide_on = _decision_tokens(valid, _valid_tokens(routing_mask, B, T))
         else:
-            r.decision = Decision(keep=self._fixed_or_scored(hidden, valid, (B, T)))
+            decide_on = valid
+        if self.training and torch.is_grad_enabled():
+            r.decision = self._gated(hidden, decide_on)
+        elif r.unit == "sequence":
+            r.decision = Decision(route=self._sequence_route(hidden, decide_on, cache))
+        else:
+            r.decision = Decision(keep=self._fixed_or_scored(hidden, decide_on, (B, T)))
         if not self.routes:
             return self.base_layer(*args, **kwargs)
-        return self._run(r.decision, hidden, args, kwargs)
+        return self._run(r.decision, hidden, cache, args, kwargs)
 
     def _scores(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        """Router scores: (B,) for sequences (mean over the decision tokens), (B, T) for tokens."""
+        """Router scores: (B,) for sequences (mean over the ``valid`` decision tokens), (B, T)
+        for tokens."""
         if self.routing.unit == "sequence":
-            decide_on = _decision_tokens(valid, _valid_tokens(self.routing.routing_mask, *x.shape[:2]))
-            return self.router(masked_sequence_mean(x, decide_on))
+            return self.router(masked_sequence_mean(x, valid))
         return self.router(x)
 
     def _keep(self, scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -207,8 +206,8 @@ class RoutedAttention(_Wrapper):
             r.notify(keep, scores, valid if r.unit == "token" else None)
         return keep
 
-    def _sequence_route(self, x, valid) -> SequenceRoute:
-        store = routes_of(self.routing.cache)
+    def _sequence_route(self, x, valid, cache) -> SequenceRoute:
+        store = routes_of(cache)
         idx = self.routing.layer_idx
         if store is not None and idx in store:
             return store[idx]  # decided at prefill; reused for every decode step
@@ -232,13 +231,13 @@ class RoutedAttention(_Wrapper):
         return Decision(gate=g.to(x.dtype))
 
     # ---- routed attention ----------------------------------------------------------------
-    def _run(self, d: Decision, hidden: torch.Tensor, args: tuple, kwargs: dict):
+    def _run(self, d: Decision, hidden: torch.Tensor, cache: Any, args: tuple, kwargs: dict):
         if d.gate is not None:
             out, *rest = self.base_layer(*args, **kwargs)
             return (out * d.gate if self._gate_here("attn") else out, *rest)
         if d.route is not None:
             return self._run_rows(d.route, hidden, args, kwargs)
-        return self._run_tokens(d, hidden, args, kwargs)
+        return self._run_tokens(d, hidden, cache, args, kwargs)
 
     def _run_rows(self, route: SequenceRoute, hidden, args, kwargs):
         if route.all_kept:
@@ -253,7 +252,7 @@ class RoutedAttention(_Wrapper):
         out, *rest = self.base_layer(*sub[0], **sub[1])
         return (out.new_zeros(B, *out.shape[1:]).index_copy(0, rows, out), *rest)
 
-    def _run_tokens(self, d: Decision, hidden, args, kwargs):
+    def _run_tokens(self, d: Decision, hidden, cache, args, kwargs):
         if d.all_kept:
             return self.base_layer(*args, **kwargs)
         attn, spec = self.base_layer, self.routing.arch
@@ -262,9 +261,9 @@ class RoutedAttention(_Wrapper):
         if pos is not None and supports_kept_queries(attn, spec) and _rows_selectable(mask):
             if d.max_kept == 0:
                 # Keys/values are still written so the cache stays complete for later tokens.
-                keys_and_values(attn, spec, hidden, pos, self.routing.cache)
+                keys_and_values(attn, spec, hidden, pos, cache)
                 return torch.zeros_like(hidden), None
-            out = kept_query_attention(attn, spec, hidden, d.keep, d.max_kept, mask, pos, self.routing.cache)
+            out = kept_query_attention(attn, spec, hidden, d.keep, d.max_kept, mask, pos, cache)
             return out, None
         out, *rest = self.base_layer(*args, **kwargs)  # every query; the cache gets every token
         return (out * d.keep.unsqueeze(-1).to(out.dtype), *rest)

@@ -7,6 +7,7 @@ Routers are an adapter: ``attach_routers`` changes a model in place (PEFT-like) 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 from collections.abc import Iterator
@@ -32,8 +33,7 @@ from routertune.layers import (
     LayerRouting,
     RoutedAttention,
     RoutedMLP,
-    enter_layer,
-    leave_layer,
+    strip_routing_kwargs,
 )
 from routertune.router import Router
 
@@ -113,12 +113,14 @@ def attach_routers(model: nn.Module, config: RouterConfig | None = None, probe: 
         raise RouterConfigError(f"no layer to route in a model with {num_layers} layers (config: {config})")
     calls = capture_layer_calls(model, indices, config.target, config.unit) if probe else None
     hidden = model.config.hidden_size
-    handles = [base_model(model).register_forward_pre_hook(_pass_token_mask, with_kwargs=True)]
+    routings, handles = [], []
     for idx, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(enter_layer, with_kwargs=True))
         if idx in indices:
-            _wrap_layer(layer, idx, config, spec, hidden)
-            handles.append(layer.register_forward_hook(leave_layer))
+            routings.append(_wrap_layer(layer, idx, config, spec, hidden))
+        else:
+            handles.append(layer.register_forward_pre_hook(strip_routing_kwargs, with_kwargs=True))
+    hook = functools.partial(_pass_token_mask, routings)
+    handles.append(base_model(model).register_forward_pre_hook(hook, with_kwargs=True))
     setattr(model, _CONFIG_ATTR, config)
     setattr(model, _HOOK_ATTR, handles)
     if calls is not None:
@@ -130,12 +132,11 @@ def attach_routers(model: nn.Module, config: RouterConfig | None = None, probe: 
     return model
 
 
-def _wrap_layer(layer: nn.Module, idx: int, config: RouterConfig, spec, hidden: int) -> None:
+def _wrap_layer(layer: nn.Module, idx: int, config: RouterConfig, spec, hidden: int) -> LayerRouting:
     routing = LayerRouting(idx, config.target, config.unit, spec)
     attention = getattr(layer, spec.attention)
     router = Router(hidden, config.threshold_for(idx)).to(_device_of(attention))
     routes_attention = config.target in ("attn", "block")
-    layer._routertune_routing = routing
     setattr(layer, spec.attention, RoutedAttention(attention, routing, router, routes=routes_attention))
     parts = {"attn": ["attn"], "mlp": ["mlp"], "block": ["attn", "mlp"]}[config.target]
     if "mlp" in parts:
@@ -144,6 +145,26 @@ def _wrap_layer(layer: nn.Module, idx: int, config: RouterConfig, spec, hidden: 
         if part in spec.branch_end:
             name = spec.branch_end[part]
             setattr(layer, name, BranchGate(getattr(layer, name), routing))
+    return routing
+
+
+def plain_parameter_names(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with the names the model has without routers (for files other tools load).
+
+    A wrapped sub-layer keeps the original as ``base_layer``, so its weights are named
+    ``...self_attn.base_layer.q_proj.weight`` while routers are attached; this maps them back to
+    ``...self_attn.q_proj.weight`` (also inside longer names, e.g. a PEFT adapter's). Router
+    weights keep their names (they have no plain counterpart).
+    """
+    wrappers = [
+        name for name, m in model.named_modules() if isinstance(m, (RoutedAttention, RoutedMLP, BranchGate))
+    ]
+    out = {}
+    for key, value in state.items():
+        for name in wrappers:
+            key = key.replace(f"{name}.base_layer.", f"{name}.")
+        out[key] = value
+    return out
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -159,7 +180,6 @@ def detach_routers(model: nn.Module) -> nn.Module:
         for name, child in list(layer.named_children()):
             if isinstance(child, (RoutedAttention, RoutedMLP, BranchGate)):
                 setattr(layer, name, child.base_layer)
-        layer.__dict__.pop("_routertune_routing", None)
     for handle in getattr(model, _HOOK_ATTR):
         handle.remove()
     delattr(model, _HOOK_ATTR)
@@ -167,17 +187,23 @@ def detach_routers(model: nn.Module) -> nn.Module:
     return model
 
 
-def _pass_token_mask(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _pass_token_mask(
+    routings: list[LayerRouting], module: nn.Module, args: tuple, kwargs: dict
+) -> tuple[tuple, dict]:
     """Forwards the 2-D padding mask to every decoder layer (sequence means skip padding).
 
     It travels as a keyword argument, not as module state, so gradient checkpointing's
-    recomputation sees it too and concurrent requests cannot see each other's.
+    recomputation sees it too and concurrent requests cannot see each other's. Each routed layer
+    is told that a mask was sent, so a family that drops it on the way is refused.
     """
     mask = kwargs.get("attention_mask")
     if mask is None and len(args) > 1:
         mask = args[1]
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+    sent = isinstance(mask, torch.Tensor) and mask.dim() == 2
+    if sent:
         kwargs[TOKEN_MASK_KWARG] = mask
+    for routing in routings:
+        routing.mask_sent = sent
     routing = kwargs.pop(ROUTING_MASK_ARG, None)
     if routing is not None:
         if not isinstance(routing, torch.Tensor) or routing.dim() != 2:

@@ -122,7 +122,9 @@ def capture_layer_calls(model: nn.Module, indices: list[int], target: str, unit:
         if unit == "sequence":
             mixed = torch.tensor([False, True], device=device)
         else:
-            mixed = (torch.arange(T, device=device).view(1, T) + torch.arange(B, device=device).view(B, 1)) % 2 == 0
+            mixed = (
+                torch.arange(T, device=device).view(1, T) + torch.arange(B, device=device).view(B, 1)
+            ) % 2 == 0
         layer.eval()
         with torch.no_grad():
             outputs = {
@@ -146,7 +148,11 @@ def probe_routed_layers(model: nn.Module, calls: list[LayerCall]) -> None:
         ref_plain = call.outputs["plain"]
         cases = {
             "plain": (torch.ones_like(call.mixed_keep), "routers on (keep everything)", "the plain layer"),
-            "skip": (torch.zeros_like(call.mixed_keep), "skipping every row", "the layer with that output zeroed"),
+            "skip": (
+                torch.zeros_like(call.mixed_keep),
+                "skipping every row",
+                "the layer with that output zeroed",
+            ),
             "mixed": (call.mixed_keep, "a mixed decision", "the layer with that output zeroed where skipped"),
         }
         was_training = layer.training
@@ -158,14 +164,22 @@ def probe_routed_layers(model: nn.Module, calls: list[LayerCall]) -> None:
                     with torch.no_grad():
                         got = _first(layer(*call.args, **call.kwargs))
                 except Exception as exc:
-                    raise _refusal(model, layer, call.index, f"{what} raised {type(exc).__name__}: {exc}") from exc
+                    raise _refusal(
+                        model, layer, call.index, f"{what} raised {type(exc).__name__}: {exc}"
+                    ) from exc
                 want = call.outputs[key]
                 if got.shape != want.shape or not _close(got, want, ref_plain):
-                    diff = (got.float() - want.float()).abs().max().item() if got.shape == want.shape else "shape"
-                    raise _refusal(model, layer, call.index, f"{what} differs from {reference} (max |diff| {diff})")
+                    diff = (
+                        (got.float() - want.float()).abs().max().item()
+                        if got.shape == want.shape
+                        else "shape"
+                    )
+                    raise _refusal(
+                        model, layer, call.index, f"{what} differs from {reference} (max |diff| {diff})"
+                    )
         finally:
             unit.routing.forced_keep = None
-            unit.routing.leave()
+            unit.routing.decision = None
             layer.train(was_training)
 
 

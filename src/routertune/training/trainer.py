@@ -30,11 +30,13 @@ from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from routertune.io_utils import atomic_path
 from routertune.model import (
     CONFIG_NAME,
     all_units_kept,
     capacity_regularizer,
     load_routers,
+    plain_parameter_names,
     routed_layers,
     router_parameters,
     save_routers,
@@ -309,15 +311,29 @@ def write_artifacts(trainer: RouterTrainer, folder: Path, checkpoint: bool) -> N
     save_routers(routed, folder)
     if trainer.lora:
         trainer.model.save_pretrained(str(folder))
+        if not checkpoint:
+            _rename_to_plain(routed, folder / "adapter_model.safetensors")
     if not trainer.router_only:
         state = routed.state_dict()
         if not checkpoint:
             router_ids = {id(p) for p in router_parameters(routed)}
             names = {n for n, p in routed.named_parameters() if id(p) in router_ids}
-            state = {k: v for k, v in state.items() if k not in names}
+            state = plain_parameter_names(routed, {k: v for k, v in state.items() if k not in names})
         routed.save_pretrained(str(folder), state_dict=state)
         if trainer.tokenizer is not None:
             trainer.tokenizer.save_pretrained(str(folder))
+
+
+def _rename_to_plain(routed: nn.Module, weights: Path) -> None:
+    """The final LoRA adapter under the plain model's module names, so it loads without routers.
+    (Checkpoints keep the routed names: resume loads them into the routed model.)"""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    renamed = plain_parameter_names(routed, tensors)
+    if renamed.keys() != tensors.keys():
+        with atomic_path(weights) as tmp:
+            save_file(renamed, str(tmp), metadata={"format": "pt"})
 
 
 def load_lora_adapter(peft_model: nn.Module, folder: Path) -> None:
