@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Applies each deliberate routing bug of issue 10 to the library, runs the oracle tests, restores the
+# file, and prints how many tests failed. Every line must report failures; "N passed" alone means the
+# tests no longer catch that bug.
+#   bash scripts/check_mutations.sh [pytest args, default tests/test_exactness.py]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PY:-.venv/bin/python}"
+TESTS=("$@"); [ ${#TESTS[@]} -gt 0 ] || TESTS=(tests/test_exactness.py)
+mutate() {  # name, file, text, replacement
+  local backup; backup=$(mktemp)
+  cp "$2" "$backup"
+  "$PY" - "$2" "$3" "$4" <<'PY' || { cp "$backup" "$2"; echo "$1: text not found in $2"; return; }
+import sys
+path, old, new = sys.argv[1:]
+text = open(path).read()
+if old not in text:
+    sys.exit(1)
+open(path, "w").write(text.replace(old, new))
+PY
+  local result; result=$(OMP_NUM_THREADS=1 "$PY" -m pytest -q -p no:warnings -p no:cacheprovider "${TESTS[@]}" 2>&1 | tail -1)
+  cp "$backup" "$2"; rm -f "$backup"
+  echo "$1: $result"
+}
+mutate "keep iff score > threshold" src/routertune/router.py "(scores - self.threshold) >= 0" "(scores - self.threshold) > 0"
+mutate "sequence mean ignores padding" src/routertune/layers.py "masked_sequence_mean(x, valid)" "masked_sequence_mean(x, None)"
+mutate "kept queries without the S-T offset" src/routertune/token_attention.py "query_pos = order + (S - T)" "query_pos = order"
+mutate "cache batch ops not mirrored" src/routertune/routes.py "        _mirror_batch_ops(cache, store)" "        pass"
