@@ -184,3 +184,19 @@ def left_padded_batch(lengths, seed=0):
         ids[b, T - n :] = seq
         mask[b, T - n :] = 1
     return ids, mask, seqs
+
+
+def greedy(model, ids, mask=None, n=6, **kw):
+    """Greedy generate() of exactly ``n`` tokens, with the per-step logits and the cache."""
+    out = model.generate(
+        ids,
+        attention_mask=mask if mask is not None else torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_logits=True,
+        **kw,
+    )
+    return out

@@ -14,26 +14,21 @@ from routertune import GRANULARITIES, RouterConfig, attach_routers, load_routers
 from routertune.generation import kv_cache_layer_lengths
 from routertune.model import routed_layers, router_parameters, set_thresholds
 
-from helpers import FAMILIES, VOCAB, left_padded_batch, randomize_routers, tiny_model, without_sublayers
+from helpers import (
+    FAMILIES,
+    VOCAB,
+    greedy,
+    left_padded_batch,
+    randomize_routers,
+    tiny_model,
+    without_sublayers,
+)
 from oracle import hand_routed_logits, straight_through_router_grads
 
 
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
-
-
-def greedy(model, ids, mask=None, n=6):
-    return model.generate(
-        ids,
-        attention_mask=mask if mask is not None else torch.ones_like(ids),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        pad_token_id=0,
-        return_dict_in_generate=True,
-        output_logits=True,
-    )
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)

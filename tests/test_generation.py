@@ -10,27 +10,12 @@ from routertune.generation import kv_cache_bytes, kv_cache_layer_lengths
 from routertune.layers import ROUTES_ATTR
 from routertune.model import routed_layers, set_thresholds
 
-from helpers import VOCAB, left_padded_batch, randomize_routers, tiny_model, without_sublayers
+from helpers import VOCAB, greedy, left_padded_batch, randomize_routers, tiny_model, without_sublayers
 
 
 def fixed_routes(model, skip_layers):
     """Thresholds that fix every decision: skip ``skip_layers``, keep the other routed layers."""
     set_thresholds(model, {i: (1.5 if i in skip_layers else 0.0) for i in routed_layers(model)})
-
-
-def greedy(model, ids, mask=None, n=6, **kw):
-    out = model.generate(
-        ids,
-        attention_mask=mask if mask is not None else torch.ones_like(ids),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        pad_token_id=0,
-        return_dict_in_generate=True,
-        output_logits=True,
-        **kw,
-    )
-    return out
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
