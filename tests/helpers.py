@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from routertune.model import routed_layers
+from routertune.model import routed_layers, set_thresholds
 
 VOCAB = 96
 
@@ -200,3 +200,23 @@ def greedy(model, ids, mask=None, n=6, **kw):
         **kw,
     )
     return out
+
+
+def router_weights(model) -> dict[int, tuple[torch.Tensor, float]]:
+    """Layer index -> (router weight, threshold) of a routed model."""
+    return {
+        i: (u.router.proj.weight.detach().clone(), u.router.threshold)
+        for i, u in routed_layers(model).items()
+    }
+
+
+def hand_route(model, plain, granularity, ids, mask=None, median=False):
+    """The oracle's logits and decisions for ``model``'s routers; with ``median`` the thresholds
+    are first set to each layer's median hand-computed score (mixed decisions)."""
+    weights = {i: (w, None if median else t) for i, (w, t) in router_weights(model).items()}
+    from oracle import hand_routed_logits
+
+    logits, decisions, thresholds = hand_routed_logits(plain, weights, granularity, ids, mask)
+    if median:
+        set_thresholds(model, thresholds)
+    return logits, decisions

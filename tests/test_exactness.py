@@ -14,15 +14,8 @@ import torch
 from routertune import GRANULARITIES, RouterConfig, attach_routers
 from routertune.model import routed_layers, set_thresholds
 
-from helpers import VOCAB, left_padded_batch, randomize_routers, tiny_model
-from oracle import capture_attention_input, hand_routed_logits
-
-
-def router_weights(model) -> dict[int, tuple[torch.Tensor, float]]:
-    return {
-        i: (u.router.proj.weight.detach().clone(), u.router.threshold)
-        for i, u in routed_layers(model).items()
-    }
+from helpers import VOCAB, hand_route, left_padded_batch, randomize_routers, tiny_model
+from oracle import capture_attention_input
 
 
 def routed_copy(plain, granularity, router_layers=3, seed=0, scale=2.0):
@@ -30,16 +23,6 @@ def routed_copy(plain, granularity, router_layers=3, seed=0, scale=2.0):
     attach_routers(model, RouterConfig(granularity=granularity, router_layers=router_layers))
     randomize_routers(model, seed=seed, scale=scale)
     return model
-
-
-def hand_route(model, plain, granularity, ids, mask=None, median=False):
-    """The oracle's logits and decisions for ``model``'s routers; with ``median`` the thresholds
-    are first set to each layer's median hand-computed score (mixed decisions)."""
-    weights = {i: (w, None if median else t) for i, (w, t) in router_weights(model).items()}
-    logits, decisions, thresholds = hand_routed_logits(plain, weights, granularity, ids, mask)
-    if median:
-        set_thresholds(model, thresholds)
-    return logits, decisions
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)

@@ -18,12 +18,13 @@ from helpers import (
     FAMILIES,
     VOCAB,
     greedy,
+    hand_route,
     left_padded_batch,
     randomize_routers,
     tiny_model,
     without_sublayers,
 )
-from oracle import hand_routed_logits, straight_through_router_grads
+from oracle import straight_through_router_grads
 
 
 @pytest.fixture(params=FAMILIES)
@@ -65,9 +66,7 @@ def test_mixed_decisions_equal_the_hand_oracle(family, granularity):
     attach_routers(model, RouterConfig(granularity=granularity, router_layers=2))
     randomize_routers(model, seed=3)
     ids, mask, _ = left_padded_batch([12, 9, 12, 5], seed=4)
-    weights = {i: (u.router.proj.weight.detach().clone(), None) for i, u in routed_layers(model).items()}
-    expected, decisions, thresholds = hand_routed_logits(plain, weights, granularity, ids, mask)
-    set_thresholds(model, thresholds)
+    expected, decisions = hand_route(model, plain, granularity, ids, mask, median=True)
     kept = torch.cat([d[mask.bool()] if d.dim() == 2 else d for d in decisions.values()])
     assert kept.any() and not kept.all()
     with torch.no_grad():

@@ -107,6 +107,11 @@ class RouterConfig:
         return self.granularity.split("_", 1)[0]
 
     @property
+    def parts(self) -> tuple[str, ...]:
+        """The sub-layers the target skips: ``("attn",)``, ``("mlp",)`` or both for ``block``."""
+        return ("attn", "mlp") if self.target == "block" else (self.target,)
+
+    @property
     def unit(self) -> str:
         """``sequence`` or ``token``."""
         return self.granularity.split("_", 1)[1]

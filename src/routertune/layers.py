@@ -114,7 +114,7 @@ def strip_routing_kwargs(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[t
 # --------------------------------------------------------------------------------------------
 # Wrappers
 # --------------------------------------------------------------------------------------------
-class _Wrapper(nn.Module):
+class SubLayerWrapper(nn.Module):
     """PEFT-style: the original module as ``base_layer``; attribute reads fall through to it."""
 
     def __init__(self, base_layer: nn.Module, routing: LayerRouting) -> None:
@@ -136,7 +136,7 @@ class _Wrapper(nn.Module):
         return part not in self.routing.arch.branch_end
 
 
-class RoutedAttention(_Wrapper):
+class RoutedAttention(SubLayerWrapper):
     """The layer's attention, and the place where the layer's routing decision is made.
 
     ``routes`` says whether attention itself is routed (``attn_*``, ``block_*``); for ``mlp_*``
@@ -250,7 +250,7 @@ class RoutedAttention(_Wrapper):
             out, *rest = self.base_layer(*args, **kwargs)
             return (out * route.keep.view(-1, 1, 1).to(out.dtype), *rest)
         out, *rest = self.base_layer(*sub[0], **sub[1])
-        return (out.new_zeros(B, *out.shape[1:]).index_copy(0, rows, out), *rest)
+        return (_scatter(out, rows, B), *rest)
 
     def _run_tokens(self, d: Decision, hidden, cache, args, kwargs):
         if d.all_kept:
@@ -269,7 +269,7 @@ class RoutedAttention(_Wrapper):
         return (out * d.keep.unsqueeze(-1).to(out.dtype), *rest)
 
 
-class RoutedMLP(_Wrapper):
+class RoutedMLP(SubLayerWrapper):
     """The layer's MLP, skipped on the decision its attention wrapper made in this forward."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -289,8 +289,7 @@ class RoutedMLP(_Wrapper):
             if route.none_kept:
                 return torch.zeros_like(x)
             rows = route.kept_rows
-            out = self.base_layer(x.index_select(0, rows), *args, **kwargs)
-            return out.new_zeros(x.shape[0], *out.shape[1:]).index_copy(0, rows, out)
+            return _scatter(self.base_layer(x.index_select(0, rows), *args, **kwargs), rows, x.shape[0])
         if d.all_kept:
             return self.base_layer(x, *args, **kwargs)
         if d.max_kept == 0:
@@ -298,10 +297,10 @@ class RoutedMLP(_Wrapper):
         B, T, C = x.shape
         idx = d.keep.reshape(-1).nonzero().squeeze(1)  # (N,) flat kept tokens
         out = self.base_layer(x.reshape(B * T, C).index_select(0, idx), *args, **kwargs)  # (N, C')
-        return out.new_zeros(B * T, out.shape[-1]).index_copy(0, idx, out).view(B, T, -1)
+        return _scatter(out, idx, B * T).view(B, T, -1)
 
 
-class BranchGate(_Wrapper):
+class BranchGate(SubLayerWrapper):
     """A family's post-norm at the end of a routed branch: applies the training gate after it.
 
     An RMSNorm is (nearly) blind to a scalar gate in front of it, so the straight-through
@@ -320,6 +319,11 @@ class BranchGate(_Wrapper):
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+def _scatter(out: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """``out`` (rows ``index`` of a batch of ``size``) placed into zeros: skipped rows add nothing."""
+    return out.new_zeros(size, *out.shape[1:]).index_copy(0, index, out)
+
+
 def _rows_selectable(attention_mask: Any) -> bool:
     return attention_mask is None or isinstance(attention_mask, torch.Tensor)
 

@@ -33,6 +33,7 @@ from routertune.layers import (
     LayerRouting,
     RoutedAttention,
     RoutedMLP,
+    SubLayerWrapper,
     strip_routing_kwargs,
 )
 from routertune.router import Router
@@ -111,7 +112,7 @@ def attach_routers(model: nn.Module, config: RouterConfig | None = None, probe: 
         indices = [i for i in indices if i not in anchors]
     if not indices:
         raise RouterConfigError(f"no layer to route in a model with {num_layers} layers (config: {config})")
-    calls = capture_layer_calls(model, indices, config.target, config.unit) if probe else None
+    calls = capture_layer_calls(model, spec, indices, config.parts, config.unit) if probe else None
     hidden = model.config.hidden_size
     routings, handles = [], []
     for idx, layer in enumerate(layers):
@@ -136,12 +137,10 @@ def _wrap_layer(layer: nn.Module, idx: int, config: RouterConfig, spec, hidden: 
     routing = LayerRouting(idx, config.target, config.unit, spec)
     attention = getattr(layer, spec.attention)
     router = Router(hidden, config.threshold_for(idx)).to(_device_of(attention))
-    routes_attention = config.target in ("attn", "block")
-    setattr(layer, spec.attention, RoutedAttention(attention, routing, router, routes=routes_attention))
-    parts = {"attn": ["attn"], "mlp": ["mlp"], "block": ["attn", "mlp"]}[config.target]
-    if "mlp" in parts:
+    setattr(layer, spec.attention, RoutedAttention(attention, routing, router, routes="attn" in config.parts))
+    if "mlp" in config.parts:
         setattr(layer, spec.mlp, RoutedMLP(getattr(layer, spec.mlp), routing))
-    for part in parts:
+    for part in config.parts:
         if part in spec.branch_end:
             name = spec.branch_end[part]
             setattr(layer, name, BranchGate(getattr(layer, name), routing))
@@ -156,9 +155,7 @@ def plain_parameter_names(model: nn.Module, state: dict[str, Any]) -> dict[str, 
     ``...self_attn.q_proj.weight`` (also inside longer names, e.g. a PEFT adapter's). Router
     weights keep their names (they have no plain counterpart).
     """
-    wrappers = [
-        name for name, m in model.named_modules() if isinstance(m, (RoutedAttention, RoutedMLP, BranchGate))
-    ]
+    wrappers = [name for name, m in model.named_modules() if isinstance(m, SubLayerWrapper)]
     out = {}
     for key, value in state.items():
         for name in wrappers:
@@ -178,7 +175,7 @@ def detach_routers(model: nn.Module) -> nn.Module:
         return model
     for layer in decoder_layers(model):
         for name, child in list(layer.named_children()):
-            if isinstance(child, (RoutedAttention, RoutedMLP, BranchGate)):
+            if isinstance(child, SubLayerWrapper):
                 setattr(layer, name, child.base_layer)
     for handle in getattr(model, _HOOK_ATTR):
         handle.remove()
@@ -202,8 +199,8 @@ def _pass_token_mask(
     sent = isinstance(mask, torch.Tensor) and mask.dim() == 2
     if sent:
         kwargs[TOKEN_MASK_KWARG] = mask
-    for routing in routings:
-        routing.mask_sent = sent
+    for layer_routing in routings:
+        layer_routing.mask_sent = sent
     routing = kwargs.pop(ROUTING_MASK_ARG, None)
     if routing is not None:
         if not isinstance(routing, torch.Tensor) or routing.dim() != 2:

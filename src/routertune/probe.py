@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from routertune.arch import UnsupportedArchitectureError, arch_spec, decoder_layers
+from routertune.arch import ArchSpec, UnsupportedArchitectureError, decoder_layers
 
 PROBE_SHAPE = (2, 6)  # (batch, tokens): two rows so a mixed sequence decision exists
 
@@ -72,14 +72,15 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def capture_layer_calls(model: nn.Module, indices: list[int], target: str, unit: str) -> list[LayerCall]:
+def capture_layer_calls(
+    model: nn.Module, spec: ArchSpec, indices: list[int], parts: tuple[str, ...], unit: str
+) -> list[LayerCall]:
     """Arguments and reference outputs of the plain layers to probe (before wrapping).
 
     Args:
-        target, unit: the routing granularity's parts (``attn``/``mlp``/``block``,
-            ``sequence``/``token``).
+        parts: the sub-layers the granularity skips (``RouterConfig.parts``).
+        unit: ``sequence`` or ``token``.
     """
-    spec = arch_spec(model)
     layers = decoder_layers(model)
     reps = _representatives(model, indices)
     captured: dict[int, tuple[tuple, dict]] = {}
@@ -116,9 +117,7 @@ def capture_layer_calls(model: nn.Module, indices: list[int], target: str, unit:
     for i in reps:
         layer = layers[i]
         args, kwargs = captured[i]
-        parts = [getattr(layer, spec.attention)] if target in ("attn", "block") else []
-        if target in ("mlp", "block"):
-            parts.append(getattr(layer, spec.mlp))
+        modules = [getattr(layer, spec.attention if part == "attn" else spec.mlp) for part in parts]
         if unit == "sequence":
             mixed = torch.tensor([False, True], device=device)
         else:
@@ -129,8 +128,8 @@ def capture_layer_calls(model: nn.Module, indices: list[int], target: str, unit:
         with torch.no_grad():
             outputs = {
                 "plain": _first(layer(*args, **kwargs)),
-                "skip": _run_zeroed(layer, parts, torch.zeros_like(mixed), args, kwargs),
-                "mixed": _run_zeroed(layer, parts, mixed, args, kwargs),
+                "skip": _run_zeroed(layer, modules, torch.zeros_like(mixed), args, kwargs),
+                "mixed": _run_zeroed(layer, modules, mixed, args, kwargs),
             }
         layer.train(was_training)
         calls.append(LayerCall(i, args, kwargs, outputs, mixed))

@@ -38,8 +38,12 @@ def _modeling_module(attn: nn.Module):
 
 
 def _rotary(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The family's own rotary embedding applied to ``x`` (B, H, T, D) alone."""
-    return _modeling_module(attn).apply_rotary_pos_emb(x, x, cos, sin)[0]
+    """The family's own rotary embedding applied to ``x`` (B, H, T, D) alone.
+
+    The family's function rotates a query and a key together; queries and keys are needed at
+    different positions here, so the second slot gets a zero-head view and computes nothing.
+    """
+    return _modeling_module(attn).apply_rotary_pos_emb(x, x[:, :0], cos, sin)[0]
 
 
 def _heads(attn: nn.Module, spec: ArchSpec, proj: nn.Module, norm: str, x: torch.Tensor) -> torch.Tensor:
