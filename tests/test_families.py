@@ -93,6 +93,21 @@ def test_cached_generation_equals_uncached(family, granularity):
     torch.testing.assert_close(steps, full[:, ids.shape[1] - 1 : -1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_static_cache_equals_dynamic_cache(family, granularity):
+    """Batch 1 (left-padded batches on a static cache are the fast-paths issue's)."""
+    model = tiny_model(family)
+    attach_routers(model, RouterConfig(granularity=granularity, router_layers=2))
+    randomize_routers(model, seed=10)
+    if granularity.endswith("sequence"):
+        set_thresholds(model, {i: (1.5 if n == 0 else 0.0) for n, i in enumerate(sorted(routed_layers(model)))})
+    ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(11))
+    dynamic = greedy(model, ids, n=6)
+    static = greedy(model, ids, n=6, cache_implementation="static")
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("granularity", ["attn_sequence", "block_sequence"])
 def test_layers_skipped_at_batch_one_store_no_kv(family, granularity):
     model = tiny_model(family)

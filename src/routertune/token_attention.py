@@ -111,11 +111,14 @@ def kept_query_attention(
     q = _rotary(attn, q, cos.expand(B, -1, -1).gather(1, pos_idx), sin.expand(B, -1, -1).gather(1, pos_idx))
 
     if attention_mask is None:
-        # transformers omits the mask when plain causal attention is exact; queries are no
-        # longer the last T positions in order, so spell the causal mask out.
-        query_pos = order + (S - T)  # (B, n) absolute positions within the keys
-        key_pos = torch.arange(S, device=x.device)
-        mask = key_pos.view(1, 1, 1, S) <= query_pos.view(B, 1, max_kept, 1)  # (B, 1, n, S)
+        # transformers omits the mask where the kernel's own rule is exact: a one-token step sees
+        # every key; a longer chunk is causal from the first key (sdpa's is_causal, aligned to the
+        # top left, which also holds for a static cache's unfilled tail). The kept queries are no
+        # longer the chunk's rows in order, so that rule is spelt out on their positions.
+        mask = None
+        if T > 1:
+            key_pos = torch.arange(S, device=x.device)
+            mask = key_pos.view(1, 1, 1, S) <= order.view(B, 1, max_kept, 1)  # (B, 1, n, S)
     else:
         m = attention_mask.expand(B, -1, -1, -1)
         mask = m.gather(2, order.view(B, 1, max_kept, 1).expand(-1, m.shape[1], -1, m.shape[-1]))
