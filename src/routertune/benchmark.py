@@ -262,7 +262,7 @@ def routers_detached(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        attach_routers(model, snapshot)
+        attach_routers(model, snapshot, probe=False)  # the same layers passed the probe when first attached
         with torch.no_grad():
             for i, layer in routed_layers(model).items():
                 layer.router.proj.weight.copy_(weights[i])
