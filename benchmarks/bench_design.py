@@ -149,13 +149,8 @@ def check_same_outputs(model, ids, variants: dict[str, Callable], cache_factory=
         results[name] = torch.stack(trace)
     names = list(results)
     for name in names[1:]:
-        torch.testing.assert_close(
-            results[name],
-            results[names[0]],
-            rtol=1e-3,
-            atol=1e-3,
-            msg=lambda m, n=name: f"{n} differs from {names[0]}: {m}",
-        )
+        torch.testing.assert_close(results[name], results[names[0]], rtol=1e-3, atol=1e-3,
+                                   msg=lambda m, n=name: f"{n} differs from {names[0]}: {m}")
 
 
 # ---- measuring ---------------------------------------------------------------------------------
@@ -182,8 +177,7 @@ def summarize(times, kv, flops: dict[str, dict[str, float]], baseline: str = "de
 
 def phase_totals(shape, context, batch, new_tokens, works) -> dict[str, float]:
     return {
-        phase: phase_flops(shape, phase, context, batch, works, new_tokens).total
-        for phase in ("prefill", "decode")
+        phase: phase_flops(shape, phase, context, batch, works, new_tokens).total for phase in ("prefill", "decode")
     }
 
 
@@ -212,12 +206,8 @@ def measure_kv_rows(model, args, shape) -> list[dict[str, Any]]:
         "compute_all_mask": lambda: patched(L, "_rows_of_call", lambda *a: None),
     }
     routed_variants = {k: v for k, v in variants.items() if k != "dense"}
-    check_same_outputs(
-        model,
-        torch.randint(0, shape.vocab, (batch, 24), generator=g),
-        routed_variants,
-        forced_rows_cache(model, keep),
-    )
+    check_same_outputs(model, torch.randint(0, shape.vocab, (batch, 24), generator=g), routed_variants,
+                       forced_rows_cache(model, keep))
     out = []
     for context in args.contexts:
         ids = torch.randint(0, shape.vocab, (batch, context), generator=g)
@@ -227,26 +217,14 @@ def measure_kv_rows(model, args, shape) -> list[dict[str, Any]]:
         half = dict.fromkeys(layers, 0.5)
         flops = {
             "dense": phase_totals(shape, context, batch, args.new_tokens, None),
-            "zero_kv_rows": phase_totals(
-                shape, context, batch, args.new_tokens, routed_works("attn_sequence", half, set())
-            ),
+            "zero_kv_rows": phase_totals(shape, context, batch, args.new_tokens, routed_works("attn_sequence", half, set())),
             "all_rows_kv": phase_totals(
-                shape,
-                context,
-                batch,
-                args.new_tokens,
-                dict.fromkeys(layers, LayerWork(q_o=0.5, kv=1.0, core=0.5)),
+                shape, context, batch, args.new_tokens, dict.fromkeys(layers, LayerWork(q_o=0.5, kv=1.0, core=0.5))
             ),
             "compute_all_mask": phase_totals(shape, context, batch, args.new_tokens, None),
         }
-        out.append(
-            {
-                "context": context,
-                "batch": batch,
-                "kept_rows_per_layer": batch // 2,
-                "variants": summarize(times, kv, flops),
-            }
-        )
+        out.append({"context": context, "batch": batch, "kept_rows_per_layer": batch // 2,
+                    "variants": summarize(times, kv, flops)})
         print(f"kv_rows context {context}: " + _line(out[-1]), file=sys.stderr, flush=True)
     return out
 
@@ -268,53 +246,33 @@ def measure_token_attention(model, args, shape) -> list[dict[str, Any]]:
         "dense": lambda: routers_detached(model),
         "kept_queries": contextlib.nullcontext,  # the library as it is
         "compute_all_mask": lambda: patched(L, "supports_kept_queries", lambda attn, spec: False),
-        "kept_rows_at_decode": lambda: patched(
-            L.RoutedAttention, "_run_tokens", _token_attention_rows_at_decode
-        ),
+        "kept_rows_at_decode": lambda: patched(L.RoutedAttention, "_run_tokens", _token_attention_rows_at_decode),
     }
-    check_same_outputs(
-        model,
-        torch.randint(0, shape.vocab, (3, 24), generator=g),
-        {k: v for k, v in variants.items() if k != "dense"},
-    )
+    check_same_outputs(model, torch.randint(0, shape.vocab, (3, 24), generator=g),
+                       {k: v for k, v in variants.items() if k != "dense"})
     out = []
     for context in args.contexts:
         for batch in (1, 8):
             ids = torch.randint(0, shape.vocab, (batch, context), generator=g)
 
             probe = timed_generation(model, ids, args.new_tokens, observe=True)
-            caps = {
-                ph: {int(i): c for i, c in st.per_layer.items()}
-                for ph, st in (("prefill", probe.capacity_prefill), ("decode", probe.capacity_decode))
-            }
+            caps = {ph: {int(i): c for i, c in st.per_layer.items()}
+                    for ph, st in (("prefill", probe.capacity_prefill), ("decode", probe.capacity_decode))}
             times, kv = interleaved_runs(model, ids, args.new_tokens, variants, args.repeats, args.warmup)
             flops = {"dense": phase_totals(shape, context, batch, args.new_tokens, None)}
             flops["kept_queries"] = {
-                ph: phase_flops(
-                    shape, ph, context, batch, routed_works("attn_token", caps[ph]), args.new_tokens
-                ).total
+                ph: phase_flops(shape, ph, context, batch, routed_works("attn_token", caps[ph]), args.new_tokens).total
                 for ph in ("prefill", "decode")
             }
             ones = dict.fromkeys(layers, 1.0)  # computing everything = keeping everything, plus the router
             flops["kept_rows_at_decode"] = flops["kept_queries"]
             flops["compute_all_mask"] = {
-                ph: phase_flops(
-                    shape, ph, context, batch, routed_works("attn_token", ones), args.new_tokens
-                ).total
+                ph: phase_flops(shape, ph, context, batch, routed_works("attn_token", ones), args.new_tokens).total
                 for ph in ("prefill", "decode")
             }
             overall = {ph: statistics.fmean(c.values()) for ph, c in caps.items()}
-            out.append(
-                {
-                    "context": context,
-                    "batch": batch,
-                    "capacity": overall,
-                    "variants": summarize(times, kv, flops),
-                }
-            )
-            print(
-                f"token_attn context {context} batch {batch}: " + _line(out[-1]), file=sys.stderr, flush=True
-            )
+            out.append({"context": context, "batch": batch, "capacity": overall, "variants": summarize(times, kv, flops)})
+            print(f"token_attn context {context} batch {batch}: " + _line(out[-1]), file=sys.stderr, flush=True)
     return out
 
 
@@ -332,19 +290,10 @@ def measure_overhead(model, args, shape) -> list[dict[str, Any]]:
             for batch in (1, 8):
                 ids = torch.randint(0, shape.vocab, (batch, context), generator=g)
                 times, kv = interleaved_runs(model, ids, args.new_tokens, variants, args.repeats, args.warmup)
-                out.append(
-                    {
-                        "granularity": granularity,
-                        "context": context,
-                        "batch": batch,
-                        "variants": summarize(times, kv, {}),
-                    }
-                )
-                print(
-                    f"overhead {granularity} context {context} batch {batch}: " + _line(out[-1]),
-                    file=sys.stderr,
-                    flush=True,
-                )
+                out.append({"granularity": granularity, "context": context, "batch": batch,
+                            "variants": summarize(times, kv, {})})
+                print(f"overhead {granularity} context {context} batch {batch}: " + _line(out[-1]),
+                      file=sys.stderr, flush=True)
     return out
 
 
@@ -357,14 +306,8 @@ def measure_overhead_micro(model, args, shape) -> list[dict[str, Any]]:
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=30,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=30, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128)
     tiny = LlamaForCausalLM(config).eval()
     attach_routers(tiny, RouterConfig(router_layers=16))
     steps = args.micro_steps
@@ -439,10 +382,8 @@ def markdown(runs: dict[str, Any]) -> str:
                     "",
                 ]
             continue
-        lines += [
-            "| cell | variant | prefill s | prefill speedup | ideal | decode s | decode speedup | ideal | KV MiB |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-        ]
+        lines += ["| cell | variant | prefill s | prefill speedup | ideal | decode s | decode speedup | ideal | KV MiB |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for entry in run["entries"]:
             cell = ", ".join(f"{k} {entry[k]}" for k in ("granularity", "context", "batch") if k in entry)
             for name, v in entry["variants"].items():
@@ -475,18 +416,14 @@ def _opt(x: float | None) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument(
-        "--only", choices=("kv_rows", "token_attn", "overhead", "overhead_micro"), action="append"
-    )
+    parser.add_argument("--only", choices=("kv_rows", "token_attn", "overhead", "overhead_micro"), action="append")
     parser.add_argument("--context", dest="contexts", type=int, action="append")
     parser.add_argument("--new_tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--router_layers", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--micro_steps", type=int, default=300, help="decode steps per sample in overhead_micro"
-    )
+    parser.add_argument("--micro_steps", type=int, default=300, help="decode steps per sample in overhead_micro")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_design")
     args = parser.parse_args(argv)
     args.contexts = args.contexts or [512]
@@ -514,9 +451,7 @@ def main(argv: list[str] | None = None) -> None:
             "entries": entries,
         }
         # Written after every measurement: a long run that is stopped keeps what it finished.
-        atomic_write_text(
-            json_path, json.dumps({"schema": "routertune.bench_design/1", "runs": runs}, indent=2) + "\n"
-        )
+        atomic_write_text(json_path, json.dumps({"schema": "routertune.bench_design/1", "runs": runs}, indent=2) + "\n")
         atomic_write_text(args.out.with_suffix(".md"), markdown(runs))
     print(markdown(runs))
 

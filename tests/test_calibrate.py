@@ -231,9 +231,7 @@ def test_make_batches_route_on_prompt_marks_the_tokens_before_the_answer():
     tok = byte_chat_tokenizer()
     examples = chat_examples(5)
     plain = make_batches(tok, examples, batch_size=2, max_length=512)
-    prompt = make_batches(
-        tok, examples + ["a text is all prompt"], batch_size=2, max_length=512, route_on="prompt"
-    )
+    prompt = make_batches(tok, examples + ["a text is all prompt"], batch_size=2, max_length=512, route_on="prompt")
     assert all("routing_mask" not in b for b in plain)
     answered = texts = 0
     for b in prompt:
@@ -367,9 +365,7 @@ def test_calibrate_cli_bad_inputs(tmp_path, cli_setup):
     base = ["calibrate", "--model", str(folder), "--data", str(data)]
     r = runner.invoke(app, base + ["--routers", str(routers), "--target_capacity", "1.2"])
     assert r.exit_code == 1 and "--target_capacity must be in [0, 1]" in r.output
-    r = runner.invoke(
-        app, base + ["--routers", str(routers), "--target_capacity", "0.5", "--route_on", "answer"]
-    )
+    r = runner.invoke(app, base + ["--routers", str(routers), "--target_capacity", "0.5", "--route_on", "answer"])
     assert r.exit_code == 1 and "--route_on must be 'prompt' or 'all'" in r.output
     r = runner.invoke(app, base + ["--routers", str(tmp_path / "nope"), "--target_capacity", "0.5"])
     assert r.exit_code == 1 and "does not exist" in r.output

@@ -147,9 +147,7 @@ def test_routed_loglikelihoods_do_not_depend_on_batch_size(model, tokenizer, tas
     for batch_size in (1, 4):
         with track_capacity(model) as stats:
             # route_on="all": the stock HFLM below routes on context + continuation too
-            results[batch_size] = loglikelihoods(
-                MaskedHFLM, model, tokenizer, instances, batch_size, route_on="all"
-            )
+            results[batch_size] = loglikelihoods(MaskedHFLM, model, tokenizer, instances, batch_size, route_on="all")
         counts[batch_size] = stats.counts
     torch.testing.assert_close(results[1][0], results[4][0], atol=1e-4, rtol=0)
     assert results[1][1] == results[4][1]
@@ -194,9 +192,7 @@ def test_context_routing_scores_like_prefill_then_continuation(model, tokenizer,
     torch.testing.assert_close(ours, torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=0)
 
     with torch.no_grad():
-        routed_on_all, _ = loglikelihoods(
-            MaskedHFLM, model, tokenizer, instances, batch_size=4, route_on="all"
-        )
+        routed_on_all, _ = loglikelihoods(MaskedHFLM, model, tokenizer, instances, batch_size=4, route_on="all")
     assert (routed_on_all - ours).abs().max() > 1e-3, "routing on the answer as well changes some scores"
     with pytest.raises(EvaluationError, match="route_on"):
         MaskedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, route_on="answer")
@@ -455,6 +451,4 @@ def test_per_doc_scores_match_the_task_metrics_and_pair_up(model, tokenizer):
     with pytest.raises(EvaluationError, match="per-document"):
         paired_difference(plain, evaluate(model, tokenizer, ["arc_easy"], limit=4), tasks=["arc_easy"])
     with pytest.raises(EvaluationError, match="different documents"):
-        paired_difference(
-            plain, evaluate(model, tokenizer, ["arc_easy"], limit=3, per_doc=True), tasks=["arc_easy"]
-        )
+        paired_difference(plain, evaluate(model, tokenizer, ["arc_easy"], limit=3, per_doc=True), tasks=["arc_easy"])

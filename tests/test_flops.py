@@ -71,9 +71,7 @@ def test_decode_phase_is_the_sum_of_single_token_steps():
 
 
 def test_routed_work_table():
-    assert routed_work("attn_sequence", 0.25) == LayerWork(
-        q_o=0.25, kv=0.25, core=0.25, mlp=1.0, router="sequence"
-    )
+    assert routed_work("attn_sequence", 0.25) == LayerWork(q_o=0.25, kv=0.25, core=0.25, mlp=1.0, router="sequence")
     # Token routing still computes keys and values for every token.
     assert routed_work("attn_token", 0.0) == LayerWork(q_o=0.0, kv=1.0, core=0.0, mlp=1.0, router="token")
     assert routed_work("mlp_token", 0.5) == LayerWork(mlp=0.5, router="token")
@@ -120,11 +118,8 @@ def deleted_kv_projection_flops(shape: ModelShape, tokens: int, batch: int, laye
 def test_shape_from_configs_reads_windows_and_head_dim():
     llama = ModelShape.from_config(LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=3))
     assert (llama.head_dim, llama.kv_heads, llama.windows) == (16, 4, (None, None, None))
-    mistral = ModelShape.from_config(
-        MistralConfig(
-            num_hidden_layers=2, sliding_window=6, hidden_size=64, num_attention_heads=4, head_dim=16
-        )
-    )
+    mistral = ModelShape.from_config(MistralConfig(num_hidden_layers=2, sliding_window=6, hidden_size=64,
+                                                   num_attention_heads=4, head_dim=16))
     assert mistral.windows == (6, 6)
     qwen = ModelShape.from_config(
         Qwen2Config(num_hidden_layers=4, use_sliding_window=True, sliding_window=8, max_window_layers=2)
@@ -140,13 +135,8 @@ def test_shape_from_configs_reads_windows_and_head_dim():
 def _eager_llama(layers: int = 4):
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=80,
-        attn_implementation="eager",
+        hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=80, attn_implementation="eager",
     )
     return LlamaForCausalLM(config).eval()
 

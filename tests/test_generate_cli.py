@@ -100,23 +100,15 @@ def test_routers_that_skip_attention_shrink_the_kv_cache(app, tiny_folder, tmp_p
 
     dense = run(app, "--model", str(tiny_folder), "--prompt", "the theme", "--max-new-tokens", "5")
     routed_run = run(
-        app,
-        "--model",
-        str(tiny_folder),
-        "--prompt",
-        "the theme",
-        "--max-new-tokens",
-        "5",
-        "--routers",
-        str(tmp_path / "routers"),
+        app, "--model", str(tiny_folder), "--prompt", "the theme", "--max-new-tokens", "5",
+        "--routers", str(tmp_path / "routers"),
     )
     assert dense.exit_code == 0 and routed_run.exit_code == 0, routed_run.stderr
     stats = summary(routed_run)
     positions = stats["prompt"] + stats["new"] - 1
     assert stats["kv"] == expected_kv_bytes(positions, tiny_models.LAYERS - len(routed))
-    assert summary(dense)["kv"] == expected_kv_bytes(
-        summary(dense)["prompt"] + summary(dense)["new"] - 1, tiny_models.LAYERS
-    )
+    assert summary(dense)["kv"] == expected_kv_bytes(summary(dense)["prompt"] + summary(dense)["new"] - 1,
+                                                     tiny_models.LAYERS)
     assert f"routers {tmp_path / 'routers'}" in routed_run.stderr
     assert "Warning" not in routed_run.stderr  # same base model name
 
@@ -126,17 +118,8 @@ def test_routers_from_another_base_model_warn(app, tiny_folder, tmp_path):
     model.config._name_or_path = "some-other-model"
     attach_routers(model, RouterConfig())
     save_routers(model, tmp_path / "routers")
-    result = run(
-        app,
-        "--model",
-        str(tiny_folder),
-        "--prompt",
-        "x",
-        "--max-new-tokens",
-        "1",
-        "--routers",
-        str(tmp_path / "routers"),
-    )
+    result = run(app, "--model", str(tiny_folder), "--prompt", "x", "--max-new-tokens", "1",
+                 "--routers", str(tmp_path / "routers"))
     assert result.exit_code == 0, result.stderr
     assert "trained on 'some-other-model'" in result.stderr
 

@@ -188,9 +188,7 @@ def test_tampered_file_fails_verification(tmp_path, tiny_entry, tiny_gguf):
 def test_conversion_matches_the_gguf_model(tmp_path, tiny_entry, tiny_gguf):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(
-        models.resolve_model("tiny-llama", builtins=_table(tiny_entry), cache=tmp_path, progress=False)
-    )
+    path = Path(models.resolve_model("tiny-llama", builtins=_table(tiny_entry), cache=tmp_path, progress=False))
     names = {p.name for p in path.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= names
     assert "chat_template.jinja" in names or "chat_template" in (path / "tokenizer_config.json").read_text()
@@ -226,10 +224,7 @@ def test_second_resolve_does_not_hash_or_convert_again(tmp_path, tiny_entry, mon
 
     monkeypatch.setattr(models, "sha256_file", forbidden)
     monkeypatch.setattr(models, "convert_gguf_folder", forbidden)
-    assert (
-        models.resolve_model("tiny-llama", builtins=_table(tiny_entry), cache=tmp_path, progress=False)
-        == first
-    )
+    assert models.resolve_model("tiny-llama", builtins=_table(tiny_entry), cache=tmp_path, progress=False) == first
 
 
 def test_converted_folder_survives_a_missing_package(tmp_path, tiny_entry):
@@ -241,9 +236,7 @@ def test_converted_folder_survives_a_missing_package(tmp_path, tiny_entry):
 
 @pytest.mark.parametrize("damage", ["truncate_weights", "other_hash", "no_record"])
 def test_damaged_conversion_is_redone(tmp_path, tiny_entry, damage):
-    path = Path(
-        models.resolve_model("tiny-llama", builtins=_table(tiny_entry), cache=tmp_path, progress=False)
-    )
+    path = Path(models.resolve_model("tiny-llama", builtins=_table(tiny_entry), cache=tmp_path, progress=False))
     good_size = (path / "model.safetensors").stat().st_size
     if damage == "truncate_weights":
         with open(path / "model.safetensors", "r+b") as handle:
@@ -304,9 +297,7 @@ def test_concurrent_resolves_convert_once(tmp_path, tiny_entry, monkeypatch):
         try:
             start.wait()
             results.append(
-                models.resolve_model(
-                    "tiny-llama", builtins=_table(tiny_entry), cache=tmp_path, progress=False
-                )
+                models.resolve_model("tiny-llama", builtins=_table(tiny_entry), cache=tmp_path, progress=False)
             )
         except BaseException as err:  # surfaced below
             errors.append(err)
@@ -356,15 +347,8 @@ def test_dtype_and_device_arguments(tiny_folder):
 
 @pytest.mark.parametrize(
     ("given", "expected"),
-    [
-        ("bf16", torch.bfloat16),
-        ("bfloat16", torch.bfloat16),
-        ("fp16", torch.float16),
-        ("float32", torch.float32),
-        ("torch.float16", torch.float16),
-        (torch.float32, torch.float32),
-        (None, None),
-    ],
+    [("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("fp16", torch.float16),
+     ("float32", torch.float32), ("torch.float16", torch.float16), (torch.float32, torch.float32), (None, None)],
 )
 def test_parse_dtype(given, expected):
     assert models.parse_dtype(given) is expected
@@ -386,13 +370,8 @@ def test_real_builtin_conversion_and_tokenizer_bos():
     record = json.loads((path / models.SOURCE_RECORD).read_text())
     assert record["sha256"] == models.BUILTIN_MODELS[models.DEFAULT_MODEL].sha256
     config = json.loads((path / "config.json").read_text())
-    assert (
-        config["num_hidden_layers"],
-        config["hidden_size"],
-        config["num_attention_heads"],
-        config["num_key_value_heads"],
-        config["vocab_size"],
-    ) == (30, 576, 9, 3, 49152)
+    assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
+            config["num_key_value_heads"], config["vocab_size"]) == (30, 576, 9, 3, 49152)
     assert config["tie_word_embeddings"] is True
     assert "quantization_config" not in config
 

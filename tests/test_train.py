@@ -161,9 +161,9 @@ def test_route_on_prompt_trains_routers_that_decide_on_the_prompt(tiny, tmp_path
         out = tmp_path / route_on
         results = train(tiny, out, "--route_on", route_on, "--validation_samples", "8")
         runs[route_on] = (saved_router_weights(out), results)
-    assert any(not torch.equal(runs["all"][0][name], runs["prompt"][0][name]) for name in runs["all"][0]), (
-        "routing on the prompt alone should change the router updates"
-    )
+    assert any(
+        not torch.equal(runs["all"][0][name], runs["prompt"][0][name]) for name in runs["all"][0]
+    ), "routing on the prompt alone should change the router updates"
     assert math.isfinite(runs["prompt"][1]["validation"]["routed"]["loss"])
 
 

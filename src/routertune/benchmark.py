@@ -60,9 +60,7 @@ RANDOM_PREFIX = "random:"
 SKIP_THRESHOLD = 2.0
 KEEP_THRESHOLD = 0.0
 PREFILL_METHOD = "one forward over `context` random token ids into a fresh DynamicCache, logits_to_keep=1"
-DECODE_METHOD = (
-    "plain loop of `new_tokens` greedy single-token forwards (argmax on device) on the prefill cache"
-)
+DECODE_METHOD = "plain loop of `new_tokens` greedy single-token forwards (argmax on device) on the prefill cache"
 
 
 class BenchError(ValueError):
@@ -101,37 +99,15 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "llama-tiny": Preset("llama", 64, 4, 4, 2, 128, 256, False, "4-layer toy for tests (milliseconds)"),
     "smollm2-135m": Preset(
-        "llama",
-        576,
-        30,
-        9,
-        3,
-        1536,
-        49152,
-        True,
-        "SmolLM2-135M shape (the default model's shape)",
-        head_dim=64,
+        "llama", 576, 30, 9, 3, 1536, 49152, True, "SmolLM2-135M shape (the default model's shape)", head_dim=64
     ),
     "qwen2-0.5b": Preset("qwen2", 896, 24, 14, 2, 4864, 151936, True, "Qwen2.5-0.5B shape"),
     "llama-1b": Preset("llama", 2048, 16, 32, 8, 8192, 128256, True, "Llama-3.2-1B shape (5 GB in float32)"),
-    "tinyllama-1.1b": Preset(
-        "llama", 2048, 22, 32, 4, 5632, 32000, False, "TinyLlama-1.1B shape (4.4 GB fp32)"
-    ),
+    "tinyllama-1.1b": Preset("llama", 2048, 22, 32, 4, 5632, 32000, False, "TinyLlama-1.1B shape (4.4 GB fp32)"),
     "mistral-7b": Preset(
-        "mistral",
-        4096,
-        32,
-        32,
-        8,
-        14336,
-        32000,
-        False,
-        "Mistral-7B shape (GPU: 14.5 GB bf16)",
-        sliding_window=4096,
+        "mistral", 4096, 32, 32, 8, 14336, 32000, False, "Mistral-7B shape (GPU: 14.5 GB bf16)", sliding_window=4096
     ),
-    "llama-3-8b": Preset(
-        "llama", 4096, 32, 32, 8, 14336, 128256, False, "Llama-3-8B shape (GPU: 16 GB bf16)"
-    ),
+    "llama-3-8b": Preset("llama", 4096, 32, 32, 8, 14336, 128256, False, "Llama-3-8B shape (GPU: 16 GB bf16)"),
 }
 
 
@@ -432,9 +408,7 @@ class BenchSettings:
             raise BenchError(f"skip_ratio must be in [0, 1]; got {self.skip_ratio}")
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown or "dense" not in self.variants or "routed" not in self.variants:
-            raise BenchError(
-                f"variants must include dense and routed, from {', '.join(VARIANTS)}; got {self.variants}"
-            )
+            raise BenchError(f"variants must include dense and routed, from {', '.join(VARIANTS)}; got {self.variants}")
 
 
 def _capacities(stats: Any) -> dict[int, float]:
@@ -516,9 +490,7 @@ def _bench_cell(model, ids, settings: BenchSettings, shape: ModelShape, granular
         kw = dict(context=context, batch=batch, new_tokens=n)
         flops[phase] = {
             "dense": phase_flops(shape, phase, works=None, **kw).to_dict(),
-            "routed": phase_flops(
-                shape, phase, works=routed_works(granularity, caps, scored), **kw
-            ).to_dict(),
+            "routed": phase_flops(shape, phase, works=routed_works(granularity, caps, scored), **kw).to_dict(),
             "deleted": phase_flops(shape, phase, works=works["deleted"], **kw).to_dict()
             if oracle_reason is None
             else None,
@@ -548,9 +520,7 @@ def _bench_cell(model, ids, settings: BenchSettings, shape: ModelShape, granular
         "capacity": {"prefill": cap_prefill, "decode": cap_decode},
         "capacity_overall": {
             "prefill": _overall(probe.capacity_prefill),
-            "decode": _overall(
-                probe.capacity_decode if granularity.endswith("token") else probe.capacity_prefill
-            ),
+            "decode": _overall(probe.capacity_decode if granularity.endswith("token") else probe.capacity_prefill),
         },
         "oracle_layers": deleted,
         "oracle_note": oracle_reason,
@@ -562,9 +532,7 @@ def _bench_cell(model, ids, settings: BenchSettings, shape: ModelShape, granular
     }
 
 
-def _oracle_layers(
-    cap_prefill: dict[int, float], cap_decode: dict[int, float]
-) -> tuple[list[int] | None, str | None]:
+def _oracle_layers(cap_prefill: dict[int, float], cap_decode: dict[int, float]) -> tuple[list[int] | None, str | None]:
     """Layers to delete for the oracle, or None and the reason there is no such model."""
     mixed = sorted(i for caps in (cap_prefill, cap_decode) for i, c in caps.items() if 0.0 < c < 1.0)
     if mixed:
@@ -597,9 +565,7 @@ def _speedups(times: dict[str, dict[str, list[float]]], flops: dict[str, Any], p
         "measured_over_ideal": measured / ideal,
         "measured_cpu": measured_cpu,
         "measured_cpu_over_ideal": measured_cpu / ideal,
-        "all_kept_overhead": _paired_median(times["all_kept"][key], dense) - 1.0
-        if "all_kept" in times
-        else None,
+        "all_kept_overhead": _paired_median(times["all_kept"][key], dense) - 1.0 if "all_kept" in times else None,
         "all_kept_overhead_cpu": _paired_median(times["all_kept"][cpu_key], times["dense"][cpu_key]) - 1.0
         if "all_kept" in times
         else None,

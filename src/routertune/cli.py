@@ -20,6 +20,7 @@ app = typer.Typer(
 )
 
 
+
 @app.callback()
 def _root() -> None:
     """Router-Tuning / MindSkip: train tiny routers that make a pretrained LLM skip layers for real."""
@@ -27,17 +28,7 @@ def _root() -> None:
 
 
 # Order is the order shown in --help.
-COMMAND_MODULES = (
-    "quickstart",
-    "generate",
-    "data",
-    "train",
-    "evaluate",
-    "bench",
-    "calibrate",
-    "drop",
-    "analyze",
-)
+COMMAND_MODULES = ("quickstart", "generate", "data", "train", "evaluate", "bench", "calibrate", "drop", "analyze")
 
 
 def _register_commands() -> None:

@@ -577,9 +577,7 @@ def paired_difference(
     for name in names:
         a, b = first["tasks"].get(name), second["tasks"].get(name)
         if a is None or b is None or "per_doc" not in a or "per_doc" not in b:
-            raise EvaluationError(
-                f"task {name!r} lacks per-document scores in one of the results (per_doc=True)"
-            )
+            raise EvaluationError(f"task {name!r} lacks per-document scores in one of the results (per_doc=True)")
         metric = PRIMARY_METRIC.get(name) or ("acc_norm" if "acc_norm" in a["per_doc"] else "acc")
         xa, xb = a["per_doc"].get(metric), b["per_doc"].get(metric)
         if xa is None or xb is None or len(xa) != len(xb) or not xa:

@@ -321,11 +321,8 @@ def ensure_converted(entry: BuiltinModel, models_root: Path, progress: bool = Tr
             return folder
         _sweep_leftovers(models_root, entry.name)
         source = locate_builtin_file(entry)
-        _say(
-            progress,
-            f"routertune: first use of {entry.name!r}: verifying and converting {source.name} "
-            f"into {folder} (once)",
-        )
+        _say(progress, f"routertune: first use of {entry.name!r}: verifying and converting {source.name} "
+                       f"into {folder} (once)")
         started = time.perf_counter()
         verify_builtin_file(entry, source, progress=progress)
         with atomic_dir(folder) as tmp:
@@ -368,16 +365,12 @@ def convert_gguf_folder(
         return _convert_gguf_folder(source, dest, display_name, progress)
 
 
-def _convert_gguf_folder(
-    source: Path, dest: Path, display_name: str | None, progress: bool
-) -> dict[str, int]:
+def _convert_gguf_folder(source: Path, dest: Path, display_name: str | None, progress: bool) -> dict[str, int]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        str(source.parent), gguf_file=source.name, dtype=torch.float32
-    )
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
     config = gguf_model.config
     # GGUF carries no tokenizer length limit; use the model's context (as the hub tokenizer does).
     if tokenizer.model_max_length > 10**12 and getattr(config, "max_position_embeddings", None):

@@ -37,9 +37,7 @@ def bench(
     ),
     context: str = typer.Option("512,2048", "--context", help="Prompt lengths, comma-separated."),
     batch: str = typer.Option("1,8", "--batch", help="Batch sizes, comma-separated."),
-    new_tokens: int = typer.Option(
-        32, "--new_tokens", "--new-tokens", help="Decode steps after each prefill."
-    ),
+    new_tokens: int = typer.Option(32, "--new_tokens", "--new-tokens", help="Decode steps after each prefill."),
     repeats: int = typer.Option(3, "--repeats", help="Timed repeats per variant (medians are reported)."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed warm-up runs per variant and cell."),
     skip_ratio: float | None = typer.Option(
@@ -49,28 +47,18 @@ def bench(
         help="Force this share of the routed layers to skip every unit (deepest first), the rest to keep all.",
     ),
     granularity: str | None = typer.Option(
-        None,
-        "--granularity",
-        help=f"For fresh routers: one of {', '.join(GRANULARITIES)} (default attn_sequence).",
+        None, "--granularity", help=f"For fresh routers: one of {', '.join(GRANULARITIES)} (default attn_sequence)."
     ),
     router_layers: int = typer.Option(
-        16,
-        "--router_layers",
-        "--router-layers",
-        "--mod_n",
-        help="For fresh routers: how many deep layers get one.",
+        16, "--router_layers", "--router-layers", "--mod_n", help="For fresh routers: how many deep layers get one."
     ),
     variants: str = typer.Option(
         "dense,all_kept,routed,oracle", "--variants", help="Variants to time (dense and routed are required)."
     ),
     json_path: Path | None = typer.Option(None, "--json", help="Write the full report (JSON) here."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (cuda:N)."),
-    dtype: str | None = typer.Option(
-        None, "--dtype", help="float32, bf16 or fp16; default float32 on CPU, bf16 on CUDA."
-    ),
-    threads: int | None = typer.Option(
-        None, "--threads", help="torch CPU threads (default: torch's choice)."
-    ),
+    dtype: str | None = typer.Option(None, "--dtype", help="float32, bf16 or fp16; default float32 on CPU, bf16 on CUDA."),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompts (and random weights)."),
 ) -> None:
     """Time prefill and decode of the dense model, the routed model, and the model with the skipped
@@ -118,9 +106,7 @@ def bench(
             if granularity is not None and granularity != loaded:
                 _fail(f"--granularity {granularity} disagrees with the routers in {routers} ({loaded})")
         else:
-            attach_routers(
-                lm, RouterConfig(granularity=granularity or "attn_sequence", router_layers=router_layers)
-            )
+            attach_routers(lm, RouterConfig(granularity=granularity or "attn_sequence", router_layers=router_layers))
     except (RouterLoadError, RouterConfigError) as err:
         _fail(str(err))
 
@@ -136,9 +122,7 @@ def bench(
     except (BenchError, RouterConfigError) as err:
         _fail(str(err))
     except torch.OutOfMemoryError as err:
-        _fail(
-            f"out of memory on {device} ({err}); try a smaller --context/--batch, a smaller model, or --dtype bf16"
-        )
+        _fail(f"out of memory on {device} ({err}); try a smaller --context/--batch, a smaller model, or --dtype bf16")
     typer.echo(results_table(report))
     if json_path is not None:
         import json

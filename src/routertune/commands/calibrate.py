@@ -136,9 +136,7 @@ def calibrate_command(
             tokenizer, fit, batch_size=batch_size or len(fit), max_length=max_length, route_on=route_on
         )
         heldout_batches = (
-            make_batches(
-                tokenizer, heldout, batch_size=batch_size or 8, max_length=max_length, route_on=route_on
-            )
+            make_batches(tokenizer, heldout, batch_size=batch_size or 8, max_length=max_length, route_on=route_on)
             if heldout
             else []
         )

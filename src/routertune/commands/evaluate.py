@@ -66,10 +66,7 @@ def evaluate_command(
         "(context + scored continuation, as the seed).",
     ),
     per_doc: bool = typer.Option(
-        False,
-        "--per_doc",
-        "--per-doc",
-        help="Keep each document's 0/1 scores in the JSON (for paired comparisons).",
+        False, "--per_doc", "--per-doc", help="Keep each document's 0/1 scores in the JSON (for paired comparisons)."
     ),
     device: str | None = typer.Option(
         None, "--device", help="cpu, cuda, cuda:1...; default cuda when available."

@@ -27,23 +27,15 @@ def generate(
     model: str = typer.Option(
         DEFAULT_MODEL, "--model", "-m", help="Local Hugging Face folder, built-in name, or hub id."
     ),
-    max_new_tokens: int = typer.Option(
-        128, "--max_new_tokens", "--max-new-tokens", min=1, help="Most tokens to generate."
-    ),
+    max_new_tokens: int = typer.Option(128, "--max_new_tokens", "--max-new-tokens", min=1, help="Most tokens to generate."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template."),
     routers: Path | None = typer.Option(
         None, "--routers", help="Router folder (router_config.json + routers.safetensors) to attach."
     ),
-    temperature: float = typer.Option(
-        0.0, "--temperature", min=0.0, help="Sampling temperature; 0 = greedy."
-    ),
-    top_p: float = typer.Option(
-        1.0, "--top_p", "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0)."
-    ),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="Sampling temperature; 0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top_p", "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (for sampling)."),
-    device: str | None = typer.Option(
-        None, "--device", help="cpu, cuda, cuda:1...; default cuda when available."
-    ),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1...; default cuda when available."),
     dtype: str | None = typer.Option(
         None, "--dtype", help="float32, bf16 or fp16; default float32 on CPU, bf16 on CUDA."
     ),
@@ -75,9 +67,7 @@ def generate(
     inputs = _encode(tokenizer, prompt, chat).to(lm.device)
     prompt_len = inputs["input_ids"].shape[1]
     sampling: dict[str, Any] = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p}
-        if temperature > 0
-        else {"do_sample": False}
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     )
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
@@ -112,14 +102,9 @@ def _encode(tokenizer: Any, prompt: str, chat: bool) -> Any:
     if not chat:
         return tokenizer(prompt, return_tensors="pt")
     if not getattr(tokenizer, "chat_template", None):
-        _fail(
-            "--chat: this model's tokenizer has no chat template; drop --chat to use the prompt as plain text"
-        )
+        _fail("--chat: this model's tokenizer has no chat template; drop --chat to use the prompt as plain text")
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
 
 
@@ -131,9 +116,7 @@ def _warn_if_other_base(routers: Path, model_name: str) -> None:
         return  # load_routers reports missing or broken files with the details
     base = meta.get("base_model") if isinstance(meta, dict) else None
     if base and base != model_name:
-        typer.echo(
-            f"Warning: routers in {routers} were trained on {base!r}, this model is {model_name!r}", err=True
-        )
+        typer.echo(f"Warning: routers in {routers} were trained on {base!r}, this model is {model_name!r}", err=True)
 
 
 def _synchronize(device: Any) -> None:
