@@ -16,7 +16,7 @@
     scoring) vs zero routers at threshold 0.5 (scored every prefill, everything kept);
     ``overhead_micro`` isolates the per-layer Python cost on a model where compute is negligible.
 
-The alternatives are installed by swapping methods of ``routertune.layers`` for the duration of
+The alternatives are installed by swapping methods of ``routertune.routing.layers`` for the duration of
 one variant; the library itself is untouched. Results: benchmarks/results/bench_design.{json,md}.
 """
 
@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-import routertune.layers as L
-import routertune.token_attention as TA
+import routertune.routing.layers as L
+import routertune.routing.token_attention as TA
 from routertune import RouterConfig, attach_routers
 from routertune.benchmark import (
     environment,
@@ -46,7 +46,8 @@ from routertune.benchmark import (
 )
 from routertune.flops import LayerWork, ModelShape, phase_flops, routed_works
 from routertune.io_utils import atomic_write_text
-from routertune.model import all_units_kept, routed_layers, router_probabilities, set_thresholds
+from routertune.routing.attach import all_units_kept, routed_layers, set_thresholds
+from routertune.routing.observe import router_probabilities
 
 RESULTS = Path(__file__).parent / "results"
 

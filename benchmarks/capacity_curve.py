@@ -72,7 +72,7 @@ MODEL = "smollm2-135m-instruct"
 
 
 def _load_model():
-    from routertune.models import load_model_and_tokenizer
+    from routertune.loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(MODEL)
 
@@ -133,7 +133,7 @@ def _prepare(model, tokenizer, point: str, routers: Path, calibrate_on: str = "p
 def cmd_eval(args: argparse.Namespace) -> None:
     from routertune import detach_routers
     from routertune.evaluation import evaluate
-    from routertune.model import get_router_config
+    from routertune.routing.attach import get_router_config
 
     torch.set_num_threads(args.threads)
     POINTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -178,7 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_speed(args: argparse.Namespace) -> None:
     from routertune import RouterConfig, attach_routers
     from routertune.benchmark import BenchSettings, run_benchmark
-    from routertune.model import routed_layers
+    from routertune.routing.attach import routed_layers
 
     torch.set_num_threads(args.threads)
     model, _ = _load_model()

@@ -47,7 +47,7 @@ def main() -> None:
     from routertune.calibrate import calibrate_thresholds, make_batches
     from routertune.data import PaddingCollator, builtin_messages
     from routertune.io_utils import atomic_write_text
-    from routertune.models import load_model_and_tokenizer
+    from routertune.loading import load_model_and_tokenizer
     from routertune.training.data import encode, lm_loss_and_capacity
 
     torch.manual_seed(0)

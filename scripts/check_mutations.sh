@@ -22,10 +22,10 @@ PY
   cp "$backup" "$2"; rm -f "$backup"
   echo "$1: $result"
 }
-mutate "keep iff score > threshold" src/routertune/router.py "(scores - self.threshold) >= 0" "(scores - self.threshold) > 0"
-mutate "sequence mean ignores padding" src/routertune/layers.py "masked_sequence_mean(x, valid)" "masked_sequence_mean(x, None)"
+mutate "keep iff score > threshold" src/routertune/routing/router.py "(scores - self.threshold) >= 0" "(scores - self.threshold) > 0"
+mutate "sequence mean ignores padding" src/routertune/routing/layers.py "masked_sequence_mean(x, valid)" "masked_sequence_mean(x, None)"
 # The previous code placed unmasked kept queries at `order + (S - T)`; the current code follows the
 # kernel's own rule for an omitted mask. The same bug class, two ways:
-mutate "kept queries of a one-token step masked as a chunk" src/routertune/token_attention.py "        if T > 1:" "        if True:"
-mutate "kept queries placed after the key slots" src/routertune/token_attention.py "<= order.view(B, 1, max_kept, 1)" "<= (order + (S - T)).view(B, 1, max_kept, 1)"
-mutate "cache batch ops not mirrored" src/routertune/routes.py "        _mirror_batch_ops(cache, store)" "        pass"
+mutate "kept queries of a one-token step masked as a chunk" src/routertune/routing/token_attention.py "        if T > 1:" "        if True:"
+mutate "kept queries placed after the key slots" src/routertune/routing/token_attention.py "<= order.view(B, 1, max_kept, 1)" "<= (order + (S - T)).view(B, 1, max_kept, 1)"
+mutate "cache batch ops not mirrored" src/routertune/routing/routes.py "        _mirror_batch_ops(cache, store)" "        pass"

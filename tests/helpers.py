@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from routertune.model import routed_layers, set_thresholds
+from routertune.routing.attach import routed_layers, set_thresholds
 
 VOCAB = 96
 

@@ -28,7 +28,7 @@ from routertune.analyze import (  # noqa: E402
     write_analysis,
 )
 from routertune.calibrate import DEFAULT_N, calibration_split, make_batches, measure_capacity  # noqa: E402
-from routertune.model import set_thresholds  # noqa: E402
+from routertune.routing.attach import set_thresholds  # noqa: E402
 
 from helpers import randomize_routers  # noqa: E402
 

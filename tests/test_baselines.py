@@ -32,8 +32,9 @@ from routertune.baselines import (  # noqa: E402
     n_drop_for_capacity,
     save_attention_drop,
 )
-from routertune.config import RouterConfigError  # noqa: E402
-from routertune.model import get_router_config, routed_layers, track_capacity  # noqa: E402
+from routertune.routing.attach import get_router_config, routed_layers  # noqa: E402
+from routertune.routing.config import RouterConfigError  # noqa: E402
+from routertune.routing.observe import track_capacity
 
 from helpers import without_sublayers  # noqa: E402
 
@@ -297,7 +298,7 @@ def test_drop_cli_rejects_bad_arguments(tmp_path):
 def test_attention_drop_on_the_real_model(tmp_path):
     """SmolLM2-135M: importance on 8 builtin examples, half of the 16 candidate attention layers dropped."""
     from routertune.calibrate import calibration_split
-    from routertune.models import load_model_and_tokenizer
+    from routertune.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer("smollm2-135m-instruct", device="cpu", progress=False)
     fit, _ = calibration_split("builtin", n=8, n_heldout=0)

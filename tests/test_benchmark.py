@@ -34,7 +34,7 @@ from routertune.benchmark import (
     variant,
 )
 from routertune.cli import app
-from routertune.model import routed_layers
+from routertune.routing.attach import routed_layers
 
 from helpers import randomize_routers, tiny_model
 

@@ -32,7 +32,8 @@ from routertune.calibrate import (  # noqa: E402
     save_calibrated,
     threshold_for_count,
 )
-from routertune.model import routed_layers, track_capacity  # noqa: E402
+from routertune.routing.attach import routed_layers  # noqa: E402
+from routertune.routing.observe import track_capacity
 
 from helpers import randomize_routers  # noqa: E402
 

@@ -21,7 +21,8 @@ from routertune.evaluation import (  # noqa: E402
     evaluate,
     resolve_tasks,
 )
-from routertune.model import routed_layers, router_probabilities, set_thresholds, track_capacity  # noqa: E402
+from routertune.routing.attach import routed_layers, set_thresholds  # noqa: E402
+from routertune.routing.observe import router_probabilities, track_capacity
 from routertune.tasks import PAPER_TASKS  # noqa: E402
 
 SPECIALS = ["<pad>", "<s>", "</s>"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from routertune import GRANULARITIES, RouterConfig, attach_routers
-from routertune.model import routed_layers, set_thresholds
+from routertune.routing.attach import routed_layers, set_thresholds
 
 from helpers import VOCAB, hand_route, left_padded_batch, randomize_routers, tiny_model
 from oracle import capture_attention_input

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from routertune import GRANULARITIES, RouterConfig, attach_routers, load_routers, save_routers
-from routertune.generation import kv_cache_layer_lengths
-from routertune.model import routed_layers, router_parameters, set_thresholds
+from routertune.kv_cache import kv_cache_layer_lengths
+from routertune.routing.attach import routed_layers, router_parameters, set_thresholds
 
 from helpers import (
     FAMILIES,

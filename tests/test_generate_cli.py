@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from routertune import RouterConfig, attach_routers, save_routers
 from routertune.commands import generate as generate_command
-from routertune.models import load_model_and_tokenizer
+from routertune.loading import load_model_and_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "models"))
 import tiny_models  # noqa: E402

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from routertune import GRANULARITIES, RouterConfig, attach_routers
-from routertune.generation import kv_cache_bytes, kv_cache_layer_lengths
-from routertune.layers import ROUTES_ATTR
-from routertune.model import routed_layers, set_thresholds
+from routertune.kv_cache import kv_cache_bytes, kv_cache_layer_lengths
+from routertune.routing.attach import routed_layers, set_thresholds
+from routertune.routing.layers import ROUTES_ATTR
 
 from helpers import VOCAB, greedy, left_padded_batch, randomize_routers, tiny_model, without_sublayers
 

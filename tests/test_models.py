@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from routertune import models
-from routertune.models import BuiltinModel, ModelResolutionError
+from routertune import loading as models
+from routertune.loading import BuiltinModel, ModelResolutionError, builtin
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "models"))
 import tiny_models  # noqa: E402
@@ -32,7 +32,7 @@ def tiny_entry(tiny_gguf) -> BuiltinModel:
         pip_spec="tiny-llama==0",
         filename=tiny_gguf.name,
         size=tiny_gguf.stat().st_size,
-        sha256=models.sha256_file(tiny_gguf),
+        sha256=builtin.sha256_file(tiny_gguf),
         description="test model",
         source_dir=tiny_gguf.parent,
     )
@@ -147,7 +147,7 @@ def test_installed_package_file_has_the_expected_size():
     """Cheap check (no hashing) that the installed package holds the file the table names."""
     entry = models.BUILTIN_MODELS[models.DEFAULT_MODEL]
     try:
-        file = models.locate_builtin_file(entry)
+        file = builtin.locate_builtin_file(entry)
     except ModelResolutionError as err:
         pytest.skip(str(err))
     assert file.stat().st_size == entry.size
@@ -195,7 +195,7 @@ def test_conversion_matches_the_gguf_model(tmp_path, tiny_entry, tiny_gguf):
     config = json.loads((path / "config.json").read_text())
     assert "quantization_config" not in config
     assert config["num_hidden_layers"] == tiny_models.LAYERS
-    record = json.loads((path / models.SOURCE_RECORD).read_text())
+    record = json.loads((path / builtin.SOURCE_RECORD).read_text())
     assert record["sha256"] == tiny_entry.sha256
 
     model, tokenizer = models.load_model_and_tokenizer(
@@ -222,8 +222,8 @@ def test_second_resolve_does_not_hash_or_convert_again(tmp_path, tiny_entry, mon
     def forbidden(*args, **kwargs):
         raise AssertionError("must not run once the conversion is recorded")
 
-    monkeypatch.setattr(models, "sha256_file", forbidden)
-    monkeypatch.setattr(models, "convert_gguf_folder", forbidden)
+    monkeypatch.setattr(builtin, "sha256_file", forbidden)
+    monkeypatch.setattr(builtin, "convert_gguf_folder", forbidden)
     assert models.resolve_model("tiny-llama", builtins=_table(tiny_entry), cache=tmp_path, progress=False) == first
 
 
@@ -242,14 +242,14 @@ def test_damaged_conversion_is_redone(tmp_path, tiny_entry, damage):
         with open(path / "model.safetensors", "r+b") as handle:
             handle.truncate(100)
     elif damage == "other_hash":
-        record = json.loads((path / models.SOURCE_RECORD).read_text())
+        record = json.loads((path / builtin.SOURCE_RECORD).read_text())
         record["sha256"] = "f" * 64
-        (path / models.SOURCE_RECORD).write_text(json.dumps(record))
+        (path / builtin.SOURCE_RECORD).write_text(json.dumps(record))
     else:
-        (path / models.SOURCE_RECORD).unlink()
-    assert not models.is_converted(tiny_entry, path)
+        (path / builtin.SOURCE_RECORD).unlink()
+    assert not builtin.is_converted(tiny_entry, path)
     models.resolve_model("tiny-llama", builtins=_table(tiny_entry), cache=tmp_path, progress=False)
-    assert models.is_converted(tiny_entry, path)
+    assert builtin.is_converted(tiny_entry, path)
     assert (path / "model.safetensors").stat().st_size == good_size
 
 
@@ -258,19 +258,19 @@ def _leftovers(models_root: Path) -> list[str]:
 
 
 def test_interrupted_conversion_leaves_no_folder(tmp_path, tiny_entry, monkeypatch):
-    real_convert = models.convert_gguf_folder
+    real_convert = builtin.convert_gguf_folder
 
     def interrupted(source, dest, **kwargs):
         real_convert(source, dest, **kwargs)  # files are written into the temporary folder...
         raise KeyboardInterrupt  # ...and the user presses Ctrl-C before the rename
 
-    monkeypatch.setattr(models, "convert_gguf_folder", interrupted)
+    monkeypatch.setattr(builtin, "convert_gguf_folder", interrupted)
     with pytest.raises(KeyboardInterrupt):
         models.resolve_model("tiny-llama", builtins=_table(tiny_entry), cache=tmp_path, progress=False)
     assert _leftovers(tmp_path / "models") == []
-    monkeypatch.setattr(models, "convert_gguf_folder", real_convert)
+    monkeypatch.setattr(builtin, "convert_gguf_folder", real_convert)
     path = models.resolve_model("tiny-llama", builtins=_table(tiny_entry), cache=tmp_path, progress=False)
-    assert models.is_converted(tiny_entry, Path(path))
+    assert builtin.is_converted(tiny_entry, Path(path))
 
 
 def test_leftovers_of_a_killed_conversion_are_swept(tmp_path, tiny_entry):
@@ -283,7 +283,7 @@ def test_leftovers_of_a_killed_conversion_are_swept(tmp_path, tiny_entry):
 
 
 def test_concurrent_resolves_convert_once(tmp_path, tiny_entry, monkeypatch):
-    real_convert = models.convert_gguf_folder
+    real_convert = builtin.convert_gguf_folder
     calls: list[int] = []
     results: list[str] = []
     errors: list[BaseException] = []
@@ -302,7 +302,7 @@ def test_concurrent_resolves_convert_once(tmp_path, tiny_entry, monkeypatch):
         except BaseException as err:  # surfaced below
             errors.append(err)
 
-    monkeypatch.setattr(models, "convert_gguf_folder", counting)
+    monkeypatch.setattr(builtin, "convert_gguf_folder", counting)
     threads = [threading.Thread(target=worker) for _ in range(2)]
     for thread in threads:
         thread.start()
@@ -311,7 +311,7 @@ def test_concurrent_resolves_convert_once(tmp_path, tiny_entry, monkeypatch):
     assert errors == []
     assert len(calls) == 1
     assert len(set(results)) == 1
-    assert models.is_converted(tiny_entry, Path(results[0]))
+    assert builtin.is_converted(tiny_entry, Path(results[0]))
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -367,7 +367,7 @@ def test_real_builtin_conversion_and_tokenizer_bos():
     from transformers import AutoTokenizer
 
     path = Path(models.resolve_model(models.DEFAULT_MODEL))
-    record = json.loads((path / models.SOURCE_RECORD).read_text())
+    record = json.loads((path / builtin.SOURCE_RECORD).read_text())
     assert record["sha256"] == models.BUILTIN_MODELS[models.DEFAULT_MODEL].sha256
     config = json.loads((path / "config.json").read_text())
     assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],

@@ -12,7 +12,7 @@ import torch
 def tiny_model_folder(tmp_path_factory):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from routertune.models import DEFAULT_MODEL, resolve_model
+    from routertune.loading import DEFAULT_MODEL, resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL))
     torch.manual_seed(0)

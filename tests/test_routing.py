@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from routertune import GRANULARITIES, RouterConfig, attach_routers, detach_routers
-from routertune.model import (
+from routertune.routing.attach import (
     all_units_kept,
     capacity_regularizer,
     get_router_config,
     routed_layers,
     router_parameters,
     set_thresholds,
-    track_capacity,
 )
+from routertune.routing.observe import track_capacity
 
 from helpers import VOCAB, left_padded_batch, randomize_routers, tiny_model, without_sublayers
 
@@ -108,7 +108,7 @@ def test_sequence_route_ignores_padding():
     randomize_routers(model, seed=5)
     ids, mask, seqs = left_padded_batch([10, 3], seed=6)
     recs = []
-    from routertune.model import router_probabilities
+    from routertune.routing.observe import router_probabilities
 
     with torch.no_grad(), router_probabilities(model) as rec:
         model(ids, attention_mask=mask)
@@ -281,7 +281,7 @@ def test_set_thresholds_validates_layers():
 
 
 def test_all_units_kept_is_the_dense_model_and_restores_thresholds():
-    from routertune.model import all_units_kept
+    from routertune.routing.attach import all_units_kept
 
     model = tiny_model("llama")
     ids = torch.randint(3, VOCAB, (2, 8))
@@ -330,7 +330,7 @@ def test_qwen3_with_qk_norms(granularity):
 def test_routing_mask_decides_sequences_on_the_chosen_tokens():
     """routing_mask: sequence routers average over the masked tokens only (padding excluded);
     an all-ones mask changes nothing; a row that selects nothing falls back to all its tokens."""
-    from routertune.model import router_probabilities
+    from routertune.routing.observe import router_probabilities
 
     model = tiny_model("llama")
     attach_routers(model, RouterConfig(granularity="attn_sequence", router_layers=2))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from routertune import RouterConfig, RouterLoadError, attach_routers, load_routers, save_routers
-from routertune.model import CONFIG_NAME, WEIGHTS_NAME, get_router_config, routed_layers, set_thresholds
+from routertune.routing.attach import get_router_config, routed_layers, set_thresholds
+from routertune.routing.router_files import CONFIG_NAME, WEIGHTS_NAME
 
 from helpers import VOCAB, randomize_routers, tiny_model
 

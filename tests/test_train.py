@@ -19,7 +19,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from routertune import load_routers  # noqa: E402
 from routertune.data import DataFormatError  # noqa: E402
-from routertune.model import get_router_config, router_parameters  # noqa: E402
+from routertune.routing.attach import get_router_config, router_parameters  # noqa: E402
 from routertune.train import main  # noqa: E402
 from routertune.training.arguments import TrainArgumentError, parse_args  # noqa: E402
 from routertune.training.run import run  # noqa: E402
@@ -105,7 +105,7 @@ def test_output_holds_routers_only_and_they_load(tiny, tmp_path):
     assert names == {"router_config.json", "routers.safetensors", "train_results.json"}
     assert not list(out.glob(".routertune-final-*"))
     assert json.loads((out / "train_results.json").read_text())["steps"] == results["steps"] == 4
-    from routertune.models import load_model_and_tokenizer
+    from routertune.loading import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(tiny[0], device="cpu", progress=False)
     load_routers(model, out)
@@ -296,7 +296,7 @@ def test_lora_and_routers_are_trained_and_saved_together(tiny, tmp_path):
     # base + adapter + routers reproduce the trained model
     from peft import PeftModel
 
-    from routertune.models import load_model_and_tokenizer
+    from routertune.loading import load_model_and_tokenizer
 
     base, _ = load_model_and_tokenizer(tiny[0], device="cpu", progress=False)
     load_routers(base, out)
@@ -327,7 +327,7 @@ def test_full_finetuning_trains_everything_and_saves_loadable_weights(tiny, tmp_
     assert in_optimizer == {id(p) for p in cap.model.parameters()}
     weights = load_file(str(out / "model.safetensors"))
     assert not any("router" in k for k in weights)
-    from routertune.models import load_model_and_tokenizer
+    from routertune.loading import load_model_and_tokenizer
 
     reloaded, _ = load_model_and_tokenizer(out, device="cpu", progress=False)
     load_routers(reloaded, out)

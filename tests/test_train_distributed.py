@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "train"))
 from train_fixtures import save_tiny_model, write_chat_jsonl  # noqa: E402
 
 from routertune import load_routers  # noqa: E402
-from routertune.model import router_parameters  # noqa: E402
+from routertune.routing.attach import router_parameters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_two_cpu_processes_train_routers(tmp_path):
     weights = load_file(str(out / "routers.safetensors"))
     assert all(w.abs().sum() > 0 for w in weights.values())
 
-    from routertune.models import load_model_and_tokenizer
+    from routertune.loading import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(model_dir, device="cpu", progress=False)
     load_routers(model, out)

@@ -81,7 +81,7 @@ def analyze_routing(
     Raises:
         AnalysisError: the model has no routers, or there is neither a task nor an instruction.
     """
-    from routertune.model import get_router_config, routed_layers
+    from routertune.routing.attach import get_router_config, routed_layers
     from routertune.tasks import DEFAULT_TASKS, PRIMARY_METRIC
 
     config = get_router_config(model)

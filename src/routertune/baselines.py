@@ -15,7 +15,7 @@ evaluation data). The least important attention sub-layers are removed for every
 
 Same compute as a routed model. Attention can only be dropped from the layers a router could
 skip: the default ``router_layers`` deepest layers except the last one, never a mask-anchor
-layer (:func:`routertune.arch.mask_anchor_layers`: layer 0, whose KV cache sizes the masks).
+layer (:func:`routertune.routing.arch.mask_anchor_layers`: layer 0, whose KV cache sizes the masks).
 A routed model that keeps a share ``C`` of its routed attention units matches a drop of
 ``round((1 - C) * len(candidates))`` of those layers (rounded half up).
 
@@ -52,8 +52,8 @@ def candidate_layers(model: nn.Module, router_layers: int = DEFAULT_ROUTER_LAYER
 
     The deepest ``router_layers`` layers except the last, minus the mask-anchor layers.
     """
-    from routertune.arch import decoder_layers, mask_anchor_layers
-    from routertune.config import RouterConfig
+    from routertune.routing.arch import decoder_layers, mask_anchor_layers
+    from routertune.routing.config import RouterConfig
 
     num_layers = len(decoder_layers(model))
     indices = RouterConfig(router_layers=router_layers).routed_layer_indices(num_layers)
@@ -119,8 +119,8 @@ def attention_importance(
     """
     import contextlib
 
-    from routertune.arch import decoder_layers
-    from routertune.model import all_units_kept, get_router_config
+    from routertune.routing.arch import decoder_layers
+    from routertune.routing.attach import all_units_kept, get_router_config
 
     all_layers = decoder_layers(model)
     layers = list(range(len(all_layers))) if layers is None else sorted(layers)
@@ -197,8 +197,8 @@ def apply_attention_drop(
         AttentionDropError: neither or both of ``n_drop``/``capacity``, values out of range, or
             importance missing for a candidate. RouterConfigError: the model already has routers.
     """
-    from routertune.config import RouterConfig, RouterConfigError
-    from routertune.model import attach_routers, get_router_config, set_thresholds
+    from routertune.routing.attach import attach_routers, get_router_config, set_thresholds
+    from routertune.routing.config import RouterConfig, RouterConfigError
 
     if (n_drop is None) == (capacity is None):
         raise AttentionDropError("give exactly one of n_drop and capacity")
@@ -242,7 +242,7 @@ def save_attention_drop(model: nn.Module, path: str | Path, report: dict[str, An
     The folder is built beside ``path`` and swapped in when complete.
     """
     from routertune.io_utils import atomic_dir
-    from routertune.model import save_routers
+    from routertune.routing.router_files import save_routers
 
     path = Path(path)
     with atomic_dir(path) as tmp:
@@ -269,7 +269,7 @@ def assistant_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> 
     import torch
     import torch.nn.functional as F
 
-    from routertune.arch import base_model
+    from routertune.routing.arch import base_model
 
     device = next(model.parameters()).device
     total, count = 0.0, 0

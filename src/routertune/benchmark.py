@@ -39,19 +39,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from routertune.arch import decoder_layers
-from routertune.config import RouterConfig
 from routertune.flops import ModelShape, deleted_works, phase_flops, routed_works
-from routertune.generation import kv_cache_bytes
-from routertune.model import (
+from routertune.kv_cache import kv_cache_bytes
+from routertune.routing.arch import decoder_layers
+from routertune.routing.attach import (
     all_units_kept,
     attach_routers,
     detach_routers,
     get_router_config,
     routed_layers,
     set_thresholds,
-    track_capacity,
 )
+from routertune.routing.config import RouterConfig
+from routertune.routing.observe import track_capacity
 
 SCHEMA = "routertune.bench/1"
 VARIANTS = ("dense", "all_kept", "routed", "oracle")
@@ -174,8 +174,8 @@ def available_memory_bytes() -> int | None:
 
 
 def load_bench_model(name: str, device: str = "cpu", dtype: str | torch.dtype | None = None, seed: int = 0):
-    """``random:<preset>`` or anything ``routertune.models`` resolves; returns ``(model, display name)``."""
-    from routertune.models import load_model_and_tokenizer, parse_dtype
+    """``random:<preset>`` or anything ``routertune.loading`` resolves; returns ``(model, display name)``."""
+    from routertune.loading import load_model_and_tokenizer, parse_dtype
 
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is None:

@@ -200,8 +200,8 @@ def run_batches(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> Non
     """
     import torch
 
-    from routertune.arch import base_model
-    from routertune.model import ROUTING_MASK_ARG
+    from routertune.routing.arch import base_model
+    from routertune.routing.attach import ROUTING_MASK_ARG
 
     device = next(model.parameters()).device
     was_training = model.training
@@ -328,7 +328,7 @@ def _record_pass(
     model: nn.Module, batches: list
 ) -> tuple[dict[int, tuple[int, int]], dict[int, torch.Tensor]]:
     """One pass under the current thresholds: (kept, total) per layer and the scores made."""
-    from routertune.model import router_probabilities, track_capacity
+    from routertune.routing.observe import router_probabilities, track_capacity
 
     with track_capacity(model) as stats, router_probabilities(model) as recorder:
         run_batches(model, batches)
@@ -336,7 +336,7 @@ def _record_pass(
 
 
 def _current_thresholds(model: nn.Module) -> dict[int, float]:
-    from routertune.model import routed_layers
+    from routertune.routing.attach import routed_layers
 
     return {i: float(layer.router.threshold) for i, layer in routed_layers(model).items()}
 
@@ -378,7 +378,8 @@ def calibrate_thresholds(
     Raises:
         CalibrationError: bad capacity or method, empty batches, or no routers.
     """
-    from routertune.model import get_router_config, set_thresholds, track_capacity
+    from routertune.routing.attach import get_router_config, set_thresholds
+    from routertune.routing.observe import track_capacity
 
     capacity = _check_capacity(target_capacity)
     if method not in CALIBRATION_METHODS:
@@ -435,7 +436,8 @@ def _calibrate_per_layer(
     """
     import torch
 
-    from routertune.model import routed_layers, set_thresholds, track_capacity
+    from routertune.routing.attach import routed_layers, set_thresholds
+    from routertune.routing.observe import track_capacity
 
     layers = routed_layers(model)
     single = len(batches) == 1
@@ -489,7 +491,7 @@ def _calibrate_global(
     model: nn.Module, batches: list, capacity: float, max_passes: int, tolerance: float
 ) -> tuple[dict[int, tuple[int, int]], int, bool, list[dict[str, Any]]]:
     """One threshold for all layers, searched over passes (see :func:`calibrate_thresholds`)."""
-    from routertune.model import set_thresholds
+    from routertune.routing.attach import set_thresholds
 
     history: list[dict[str, Any]] = []
     best: tuple[int, dict[int, float], dict[int, tuple[int, int]]] | None = None
@@ -555,7 +557,7 @@ def _counts_dict(counts: dict[int, tuple[int, int]]) -> dict[str, Any]:
 
 def measure_capacity(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
     """Capacity the routed model keeps on ``batches`` (``CapacityStats.as_dict()``)."""
-    from routertune.model import track_capacity
+    from routertune.routing.observe import track_capacity
 
     if not batches:
         raise CalibrationError("no batches to measure capacity on")
@@ -572,7 +574,7 @@ def save_calibrated(model: nn.Module, output: str | Path, report: dict[str, Any]
     import json
 
     from routertune.io_utils import atomic_write_text
-    from routertune.model import save_routers
+    from routertune.routing.router_files import save_routers
 
     output = Path(output)
     save_routers(model, output)

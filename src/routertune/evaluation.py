@@ -30,7 +30,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
-from routertune.model import ROUTING_MASK_ARG
+from routertune.routing.attach import ROUTING_MASK_ARG
 from routertune.tasks import (
     DEFAULT_TASKS,
     MMLU_CATEGORIES,
@@ -72,7 +72,7 @@ ROUTE_ON = ("context", "all")
 
 
 def _has_sequence_routers(model: torch.nn.Module) -> bool:
-    from routertune.model import get_router_config
+    from routertune.routing.attach import get_router_config
 
     config = get_router_config(model)
     return config is not None and config.unit == "sequence"
@@ -389,7 +389,8 @@ def evaluate(
 
     import lm_eval
 
-    from routertune.model import get_router_config, track_capacity
+    from routertune.routing.attach import get_router_config
+    from routertune.routing.observe import track_capacity
 
     _check_limit(limit)
     task_limits = dict(task_limits or {})

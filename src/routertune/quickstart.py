@@ -96,7 +96,7 @@ class Quickstart:
     def run(self) -> Path:
         import torch
 
-        from routertune.models import DEFAULT_MODEL
+        from routertune.loading import DEFAULT_MODEL
 
         if self.s.threads:
             torch.set_num_threads(self.s.threads)
@@ -108,7 +108,7 @@ class Quickstart:
         self.save_results()
 
         self.step(2, total, "Loading the model once for evaluation and benchmarks")
-        from routertune.models import load_model_and_tokenizer
+        from routertune.loading import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(model_name)
         self.step(3, total, "Evaluating the dense model")

@@ -28,10 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     Expected failures (bad flags or data, a model that cannot be found, routers that do not
     fit, a non-finite loss) print one ``Error:`` line to stderr and return 1.
     """
-    from routertune.config import RouterConfigError
     from routertune.data import DataFormatError
-    from routertune.model import RouterLoadError, UnsupportedArchitectureError
-    from routertune.models import ModelResolutionError
+    from routertune.loading import ModelResolutionError
+    from routertune.routing.arch import UnsupportedArchitectureError
+    from routertune.routing.config import RouterConfigError
+    from routertune.routing.router_files import RouterLoadError
     from routertune.training.arguments import TrainArgumentError, parse_args
     from routertune.training.trainer import NonFiniteLossError
 

@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import typer
 
-from routertune.models import DEFAULT_MODEL
+from routertune.loading import DEFAULT_MODEL
 from routertune.tasks import DEFAULT_TASKS, TASK_PREFIX
 
 
@@ -72,8 +72,8 @@ def analyze_command(
 
     from routertune.analyze import AnalysisError, analyze_routing, format_analysis, write_analysis
     from routertune.evaluation import EvaluationError, build_task_manager, resolve_tasks
-    from routertune.model import RouterLoadError, load_routers, read_router_files
-    from routertune.models import ModelResolutionError, load_model_and_tokenizer
+    from routertune.loading import ModelResolutionError, load_model_and_tokenizer
+    from routertune.routing.router_files import RouterLoadError, load_routers, read_router_files
     from routertune.tasks import OfflineDataError, olmo_datasets_root
 
     try:

@@ -15,8 +15,8 @@ from typing import NoReturn
 
 import typer
 
-from routertune.config import GRANULARITIES
-from routertune.models import DEFAULT_MODEL
+from routertune.loading import DEFAULT_MODEL
+from routertune.routing.config import GRANULARITIES
 
 
 def register(app: typer.Typer) -> None:
@@ -88,8 +88,8 @@ def bench(
     from routertune import RouterConfig, RouterConfigError, RouterLoadError, attach_routers, load_routers
     from routertune.benchmark import load_bench_model, results_table, run_benchmark
     from routertune.io_utils import atomic_write_text
-    from routertune.model import get_router_config
-    from routertune.models import ModelResolutionError
+    from routertune.loading import ModelResolutionError
+    from routertune.routing.attach import get_router_config
 
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         _fail("--device cuda: no CUDA device is visible; use --device cpu")

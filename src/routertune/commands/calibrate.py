@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import typer
 
-from routertune.models import DEFAULT_MODEL
+from routertune.loading import DEFAULT_MODEL
 
 
 def register(app: typer.Typer) -> None:
@@ -110,8 +110,8 @@ def calibrate_command(
         save_calibrated,
     )
     from routertune.data import DataFormatError
-    from routertune.model import CONFIG_NAME, RouterLoadError, load_routers, read_router_files
-    from routertune.models import ModelResolutionError, load_model_and_tokenizer
+    from routertune.loading import ModelResolutionError, load_model_and_tokenizer
+    from routertune.routing.router_files import CONFIG_NAME, RouterLoadError, load_routers, read_router_files
 
     # Cheap checks first: router files and data, before the model load.
     try:

@@ -17,7 +17,7 @@ from typing import NoReturn
 
 import typer
 
-from routertune.models import DEFAULT_MODEL
+from routertune.loading import DEFAULT_MODEL
 
 
 def register(app: typer.Typer) -> None:
@@ -81,7 +81,7 @@ def drop_command(
     )
     from routertune.calibrate import CalibrationError, calibration_split
     from routertune.data import DataFormatError
-    from routertune.models import ModelResolutionError, load_model_and_tokenizer
+    from routertune.loading import ModelResolutionError, load_model_and_tokenizer
 
     try:
         fit, _ = calibration_split(data, n=n, n_heldout=0)

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import typer
 
-from routertune.models import DEFAULT_MODEL
+from routertune.loading import DEFAULT_MODEL
 from routertune.tasks import DEFAULT_TASKS, TASK_PREFIX
 
 _DEFAULT_TASKS = ",".join(DEFAULT_TASKS)
@@ -102,7 +102,7 @@ def evaluate_command(
         _fail(str(err))
 
     from routertune import RouterLoadError, load_routers
-    from routertune.models import ModelResolutionError, load_model_and_tokenizer
+    from routertune.loading import ModelResolutionError, load_model_and_tokenizer
 
     try:
         lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)

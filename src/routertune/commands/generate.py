@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import typer
 
-from routertune.models import DEFAULT_MODEL
+from routertune.loading import DEFAULT_MODEL
 
 
 def register(app: typer.Typer) -> None:
@@ -48,8 +48,8 @@ def generate(
     from transformers import TextStreamer, set_seed
 
     from routertune import RouterLoadError, load_routers
-    from routertune.generation import kv_cache_bytes
-    from routertune.models import ModelResolutionError, load_model_and_tokenizer
+    from routertune.kv_cache import kv_cache_bytes
+    from routertune.loading import ModelResolutionError, load_model_and_tokenizer
 
     try:
         lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)

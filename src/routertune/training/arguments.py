@@ -16,9 +16,9 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from routertune.config import GRANULARITIES, RouterConfig, RouterConfigError
 from routertune.data.encode import ROUTE_ON
-from routertune.models import DEFAULT_MODEL
+from routertune.loading import DEFAULT_MODEL
+from routertune.routing.config import GRANULARITIES, RouterConfig, RouterConfigError
 from routertune.training.losses import DISTILL_TOKENS, LOSS_MODES
 
 BUILTIN_DATA = "builtin"

@@ -114,7 +114,8 @@ def lm_loss_and_capacity(
     """
     from contextlib import nullcontext
 
-    from routertune.model import all_units_kept, get_router_config, track_capacity
+    from routertune.routing.attach import all_units_kept, get_router_config
+    from routertune.routing.observe import track_capacity
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training

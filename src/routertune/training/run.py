@@ -31,7 +31,7 @@ def run(config: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     from transformers import set_seed
 
     from routertune.data import PaddingCollator
-    from routertune.model import get_router_config
+    from routertune.routing.attach import get_router_config
     from routertune.training.data import describe_source, encode, lm_loss_and_capacity, load_examples
     from routertune.training.trainer import RouterTrainer
 
@@ -115,8 +115,8 @@ def build_model(config: TrainConfig, progress: bool = True) -> tuple[Any, Any, A
         with LoRA, else ``routed``); ``routed`` is the transformers model carrying the routers.
     """
     from routertune import RouterConfig, attach_routers, load_routers
-    from routertune.model import get_router_config, router_parameters
-    from routertune.models import load_model_and_tokenizer
+    from routertune.loading import load_model_and_tokenizer
+    from routertune.routing.attach import get_router_config, router_parameters
 
     m = config.model
     # On the CPU first: the Trainer (or accelerate/DeepSpeed) places it on each process's device.
@@ -165,7 +165,7 @@ def add_lora(model: Any, config: TrainConfig) -> Any:
     """Wraps ``model`` with a LoRA adapter (routers excluded from LoRA, kept trainable)."""
     from peft import LoraConfig, get_peft_model
 
-    from routertune.model import router_parameters
+    from routertune.routing.attach import router_parameters
 
     lora = config.lora
     peft_config = LoraConfig(
@@ -196,7 +196,7 @@ def resume_checkpoint(t: Any) -> str | None:
     """
     from transformers.trainer_utils import get_last_checkpoint
 
-    from routertune.model import CONFIG_NAME
+    from routertune.routing.router_files import CONFIG_NAME
 
     out = Path(t.output_dir)
     asked = t.resume_from_checkpoint

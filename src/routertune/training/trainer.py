@@ -31,16 +31,14 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from routertune.io_utils import atomic_path
-from routertune.model import (
-    CONFIG_NAME,
+from routertune.routing.attach import (
     all_units_kept,
     capacity_regularizer,
-    load_routers,
     plain_parameter_names,
     routed_layers,
     router_parameters,
-    save_routers,
 )
+from routertune.routing.router_files import CONFIG_NAME, load_routers, save_routers
 from routertune.training.losses import distill_positions, distillation_kl
 
 TRAINING_ARGS_NAME = "training_args.bin"

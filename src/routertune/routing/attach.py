@@ -1,32 +1,29 @@
-"""Attach, save and load routers; observe what they decide.
+"""Attach and detach routers, find them again, set their thresholds.
 
-Routers are an adapter: ``attach_routers`` changes a model in place (PEFT-like) and
-``save_routers`` writes only the routers: ``router_config.json`` + ``routers.safetensors``.
+Routers are an adapter: ``attach_routers`` changes a model in place (PEFT-like), wrapping the
+sub-layers of the routed layers (:mod:`routertune.routing.layers`); ``detach_routers`` puts the
+original modules back. Saving and loading: :mod:`routertune.routing.router_files`; observing
+decisions: :mod:`routertune.routing.observe`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import math
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from routertune.arch import (
-    UnsupportedArchitectureError,
+from routertune.routing.arch import (
     arch_spec,
     base_model,
     decoder_layers,
     mask_anchor_layers,
 )
-from routertune.config import RouterConfig, RouterConfigError
-from routertune.io_utils import atomic_path, atomic_write_text
-from routertune.layers import (
+from routertune.routing.config import RouterConfig, RouterConfigError
+from routertune.routing.layers import (
     ROUTING_MASK_KWARG,
     TOKEN_MASK_KWARG,
     BranchGate,
@@ -36,10 +33,8 @@ from routertune.layers import (
     SubLayerWrapper,
     strip_routing_kwargs,
 )
-from routertune.router import Router
+from routertune.routing.router import Router
 
-CONFIG_NAME = "router_config.json"
-WEIGHTS_NAME = "routers.safetensors"
 _CONFIG_ATTR = "routertune_config"
 _HOOK_ATTR = "_routertune_hooks"
 # Forward keyword of a routed model: (B, T) mask of the tokens each sequence router decides on,
@@ -48,27 +43,18 @@ _HOOK_ATTR = "_routertune_hooks"
 ROUTING_MASK_ARG = "routing_mask"
 
 __all__ = [
-    "CONFIG_NAME",
-    "WEIGHTS_NAME",
-    "RouterLoadError",
-    "UnsupportedArchitectureError",
+    "ROUTING_MASK_ARG",
     "all_units_kept",
     "attach_routers",
     "capacity_regularizer",
     "detach_routers",
     "get_router_config",
-    "load_routers",
+    "plain_parameter_names",
+    "require_config",
     "routed_layers",
     "router_parameters",
-    "router_probabilities",
-    "save_routers",
     "set_thresholds",
-    "track_capacity",
 ]
-
-
-class RouterLoadError(ValueError):
-    """Saved routers are missing, corrupt, or do not match the model."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,11 +64,11 @@ def attach_routers(model: nn.Module, config: RouterConfig | None = None, probe: 
     """Adds zero-initialised routers to ``model`` in place and returns it.
 
     The attention (and, for ``mlp_*`` / ``block_*``, the MLP) of every routed layer is wrapped
-    (:mod:`routertune.layers`); the decoder layers themselves are left as they are. Nothing is
+    (:mod:`routertune.routing.layers`); the decoder layers themselves are left as they are. Nothing is
     frozen here (training code freezes by structure, see :func:`router_parameters`).
 
     Args:
-        probe: run the attach-time check (:func:`routertune.probe.probe_routed_layers`): each
+        probe: run the attach-time check (:func:`routertune.routing.probe.probe_routed_layers`): each
             routed layer class must equal the plain layer with routers on, and the layer with
             the routed sub-layer's output zeroed when skipping; refuses the model otherwise.
             A few milliseconds on small models (docs/design.md); turn it off only for models
@@ -92,7 +78,7 @@ def attach_routers(model: nn.Module, config: RouterConfig | None = None, probe: 
         UnsupportedArchitectureError: a family that cannot be routed exactly, named.
         RouterConfigError: the config asks for layers the model cannot route.
     """
-    from routertune.probe import capture_layer_calls, probe_routed_layers
+    from routertune.routing.probe import capture_layer_calls, probe_routed_layers
 
     config = config or RouterConfig()
     if get_router_config(model) is not None:
@@ -236,7 +222,7 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def set_thresholds(model: nn.Module, thresholds: float | dict[int, float]) -> None:
     """Sets keep thresholds (all routed layers, or per layer) and records them in the config."""
-    config = _require_config(model)
+    config = require_config(model)
     layers = routed_layers(model)
     if isinstance(thresholds, dict):
         unknown = sorted(set(thresholds) - set(layers))
@@ -270,7 +256,8 @@ def all_units_kept(model: nn.Module) -> Iterator[nn.Module]:
             layer.router.threshold = saved[i]
 
 
-def _require_config(model: nn.Module) -> RouterConfig:
+def require_config(model: nn.Module) -> RouterConfig:
+    """The model's router config; RouterConfigError when it has no routers."""
     config = get_router_config(model)
     if config is None:
         raise RouterConfigError("this model has no routers; call attach_routers or load_routers first")
@@ -298,212 +285,3 @@ def capacity_regularizer(model: nn.Module) -> torch.Tensor | None:
         return None
     excess = torch.relu(torch.stack(caps) - config.target_capacity)
     return config.gradient_scale * excess.sum()
-
-
-# --------------------------------------------------------------------------------------------
-# observers
-# --------------------------------------------------------------------------------------------
-class CapacityStats:
-    """Share of routed units kept, per layer and overall, over the forwards it observed.
-
-    Units are sequences (``*_sequence``; counted once per request, at prefill) or non-padding
-    tokens (``*_token``). Counts stay on the device until read.
-    """
-
-    def __init__(self) -> None:
-        self._kept: dict[int, torch.Tensor] = {}
-        self._total: dict[int, torch.Tensor] = {}
-
-    def observe(self, layer_idx: int, keep: torch.Tensor, scores: Any, valid: torch.Tensor | None) -> None:
-        keep = keep.detach()
-        if valid is not None:
-            kept, total = (keep & valid).sum(), valid.sum()
-        else:
-            kept, total = keep.sum(), torch.tensor(keep.numel(), device=keep.device)
-        self._kept[layer_idx] = self._kept.get(layer_idx, 0) + kept
-        self._total[layer_idx] = self._total.get(layer_idx, 0) + total
-
-    @property
-    def counts(self) -> dict[int, tuple[int, int]]:
-        return {i: (int(self._kept[i]), int(self._total[i])) for i in sorted(self._kept)}
-
-    @property
-    def per_layer(self) -> dict[int, float]:
-        return {i: (k / t if t else float("nan")) for i, (k, t) in self.counts.items()}
-
-    @property
-    def overall(self) -> float:
-        counts = self.counts.values()
-        total = sum(t for _, t in counts)
-        return sum(k for k, _ in counts) / total if total else float("nan")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "overall": _json_float(self.overall),
-            "per_layer": {str(i): _json_float(v) for i, v in self.per_layer.items()},
-            "counts": {str(i): {"kept": k, "total": t} for i, (k, t) in self.counts.items()},
-        }
-
-
-class ScoreRecorder:
-    """Router scores per layer (CPU float32), for calibrating thresholds."""
-
-    def __init__(self) -> None:
-        self.scores: dict[int, list[torch.Tensor]] = {}
-
-    def observe(self, layer_idx: int, keep: torch.Tensor, scores: Any, valid: torch.Tensor | None) -> None:
-        if scores is None:
-            return
-        s = scores.detach()
-        if valid is not None:
-            s = s[valid]
-        self.scores.setdefault(layer_idx, []).append(s.float().reshape(-1).cpu())
-
-    def per_layer(self) -> dict[int, torch.Tensor]:
-        return {i: torch.cat(v) for i, v in sorted(self.scores.items())}
-
-
-@contextlib.contextmanager
-def _observing(model: nn.Module, observer: Any) -> Iterator[Any]:
-    layers = routed_layers(model)
-    if not layers:
-        raise RouterConfigError("this model has no routers to observe")
-    for layer in layers.values():
-        layer.routing.observers.append(observer)
-    try:
-        yield observer
-    finally:
-        for layer in layers.values():
-            layer.routing.observers.remove(observer)
-
-
-def track_capacity(model: nn.Module) -> contextlib.AbstractContextManager[CapacityStats]:
-    """``with track_capacity(model) as stats:`` counts what the routers keep during the block."""
-    return _observing(model, CapacityStats())
-
-
-def router_probabilities(model: nn.Module) -> contextlib.AbstractContextManager[ScoreRecorder]:
-    """``with router_probabilities(model) as rec:`` records router scores (``rec.per_layer()``).
-
-    Scores are recorded for every routed decision, including thresholds that fix the decision.
-    """
-    return _observing(model, ScoreRecorder())
-
-
-def _json_float(x: float) -> float | None:
-    return None if math.isnan(x) else x
-
-
-# --------------------------------------------------------------------------------------------
-# save / load
-# --------------------------------------------------------------------------------------------
-def save_routers(model: nn.Module, path: str | Path) -> Path:
-    """Writes ``router_config.json`` and ``routers.safetensors`` (routers only) into ``path``.
-
-    Each file is written to a temporary name and renamed, so a crash leaves either the old file
-    or the new one.
-    """
-    from safetensors.torch import save_file
-
-    from routertune import __version__
-
-    config = _require_config(model)
-    layers = routed_layers(model)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        f"layers.{i}.weight": layer.router.proj.weight.detach().float().cpu().contiguous()
-        for i, layer in layers.items()
-    }
-    meta = {
-        "routertune_version": __version__,
-        "router_config": config.to_dict(),
-        "routed_layers": sorted(layers),
-        "base_model": getattr(model.config, "_name_or_path", None) or None,
-        "model_type": getattr(model.config, "model_type", None),
-        "hidden_size": model.config.hidden_size,
-        "num_hidden_layers": len(decoder_layers(model)),
-    }
-    with atomic_path(path / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "routertune_version": __version__})
-    atomic_write_text(path / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return path
-
-
-def read_router_files(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Reads and checks a saved router folder without touching any model."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not path.is_dir():
-        raise RouterLoadError(f"router folder {path} does not exist")
-    for f in (config_file, weights_file):
-        if not f.is_file():
-            raise RouterLoadError(f"{f} is missing (a router folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        meta = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise RouterLoadError(f"{config_file} is not valid JSON: {exc}") from exc
-    missing = [
-        k for k in ("router_config", "hidden_size", "num_hidden_layers", "routed_layers") if k not in meta
-    ]
-    if missing:
-        raise RouterLoadError(f"{config_file} lacks {', '.join(missing)}")
-    try:
-        tensors = load_file(str(weights_file))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise RouterLoadError(f"{weights_file} is corrupt or unreadable: {exc}") from exc
-    return meta, tensors
-
-
-def load_routers(model: nn.Module, path: str | Path) -> nn.Module:
-    """Attaches (if needed) and loads saved routers into ``model``; returns it.
-
-    Raises:
-        RouterLoadError: missing or corrupt files, or routers saved for another model shape
-            (hidden size, layer count) or another granularity than the model's routers.
-    """
-    meta, tensors = read_router_files(path)
-    hidden, num_layers = model.config.hidden_size, len(decoder_layers(model))
-    if meta["hidden_size"] != hidden or meta["num_hidden_layers"] != num_layers:
-        raise RouterLoadError(
-            f"routers in {path} were saved for a model with hidden_size={meta['hidden_size']} and "
-            f"{meta['num_hidden_layers']} layers (base model {meta.get('base_model')!r}); this model has "
-            f"hidden_size={hidden} and {num_layers} layers"
-        )
-    try:
-        config = RouterConfig.from_dict(meta["router_config"])
-    except (RouterConfigError, TypeError) as exc:
-        raise RouterLoadError(f"{Path(path) / CONFIG_NAME}: invalid router_config: {exc}") from exc
-    # The saved layer list is authoritative (it already excludes mask-anchor layers).
-    config.layers = [int(i) for i in meta["routed_layers"]]
-    current = get_router_config(model)
-    if current is None:
-        attach_routers(model, config)
-    elif current.granularity != config.granularity:
-        raise RouterLoadError(
-            f"routers in {path} use granularity {config.granularity}, the model's routers use {current.granularity}"
-        )
-    layers = routed_layers(model)
-    expected = {f"layers.{i}.weight" for i in layers}
-    if set(tensors) != expected:
-        raise RouterLoadError(
-            f"routers in {path} cover layers {sorted(tensors)}; the model routes {sorted(expected)}"
-        )
-    for i, layer in layers.items():
-        weight = tensors[f"layers.{i}.weight"]
-        if tuple(weight.shape) != (1, hidden):
-            raise RouterLoadError(
-                f"router of layer {i} in {path} has shape {tuple(weight.shape)}, expected (1, {hidden})"
-            )
-        if not torch.isfinite(weight).all():
-            raise RouterLoadError(f"router of layer {i} in {path} has non-finite weights")
-        with torch.no_grad():
-            layer.router.proj.weight.copy_(weight.to(layer.router.proj.weight))
-        layer.router.threshold = config.threshold_for(i)
-    if current is not None:
-        current.threshold = config.threshold
-        current.layer_thresholds = config.layer_thresholds
-    return model

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from routertune.arch import ArchSpec, UnsupportedArchitectureError, decoder_layers
+from routertune.routing.arch import ArchSpec, UnsupportedArchitectureError, decoder_layers
 
 PROBE_SHAPE = (2, 6)  # (batch, tokens): two rows so a mixed sequence decision exists
 
@@ -138,7 +138,7 @@ def capture_layer_calls(
 
 def probe_routed_layers(model: nn.Module, calls: list[LayerCall]) -> None:
     """Runs the wrapped layers on the recorded calls; raises if any differs from its reference."""
-    from routertune.model import routed_layers
+    from routertune.routing.attach import routed_layers
 
     layers = decoder_layers(model)
     units = routed_layers(model)

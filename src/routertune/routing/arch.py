@@ -1,7 +1,7 @@
 """Everything that differs between decoder families, in one table.
 
 Routing runs the model's own decoder-layer code and wraps its sub-layer modules (see
-:mod:`routertune.layers`); what a wrapper must know about a family is written here and nowhere
+:mod:`routertune.routing.layers`); what a wrapper must know about a family is written here and nowhere
 else:
 
 * where the decoder layers and their attention / MLP modules live;
@@ -14,7 +14,7 @@ else:
 * the mask-anchor layers, which must always write KV.
 
 A family that is not in the table is routed through the same wrappers with discovered module
-names and no kept-query attention; the probe run at attach time (:mod:`routertune.probe`) then
+names and no kept-query attention; the probe run at attach time (:mod:`routertune.routing.probe`) then
 either finds it exact or refuses it by name.
 """
 

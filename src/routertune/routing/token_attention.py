@@ -6,7 +6,7 @@ steps) attend to it, exactly as in training, where the gate only multiplies the 
 attention kernel and the output projection only for the kept ones.
 
 This needs the attention's parts, so it runs only for families whose table entry
-(:mod:`routertune.arch`) says how: separate q/k/v/o projections, where the q/k norms sit, and the
+(:mod:`routertune.routing.arch`) says how: separate q/k/v/o projections, where the q/k norms sit, and the
 kernel's extra arguments. Rotary embedding and the eager kernel are the family's own functions,
 taken from its modeling module. The attach-time probe checks the result against the family's own
 attention; every other family computes all queries (:func:`supports_kept_queries`).
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from routertune.arch import KEPT_QUERY_PARTS, ArchSpec
+from routertune.routing.arch import KEPT_QUERY_PARTS, ArchSpec
 
 
 def supports_kept_queries(attn: nn.Module, spec: ArchSpec) -> bool:

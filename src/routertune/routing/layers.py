@@ -20,10 +20,10 @@ Per forward:
 * otherwise only kept units are computed:
   * ``*_sequence``: the kept rows run on their own (row-sliced arguments; the KV cache sees zero
     rows for the others); a sub-layer that every row skips is not called. Routes are decided at
-    prefill and stored on the request's KV cache (:mod:`routertune.routes`), so decode steps
+    prefill and stored on the request's KV cache (:mod:`routertune.routing.routes`), so decode steps
     reuse them and a layer skipped by the whole batch never writes KV.
   * ``*_token``: the MLP runs on the kept tokens only; attention computes keys/values for all
-    tokens and queries only for the kept ones (:mod:`routertune.token_attention`) where the
+    tokens and queries only for the kept ones (:mod:`routertune.routing.token_attention`) where the
     family's table entry allows, else every query.
 
 See docs/design.md for the measurements behind these choices.
@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from routertune.arch import CACHE_KWARGS, ArchSpec, UnsupportedArchitectureError
-from routertune.router import Router, masked_sequence_mean, straight_through_gate
-from routertune.routes import ROUTES_ATTR, RowsOfCache, SequenceRoute, routes_of  # noqa: F401 (ROUTES_ATTR re-exported)
-from routertune.token_attention import kept_query_attention, keys_and_values, supports_kept_queries
+from routertune.routing.arch import CACHE_KWARGS, ArchSpec, UnsupportedArchitectureError
+from routertune.routing.router import Router, masked_sequence_mean, straight_through_gate
+from routertune.routing.routes import ROUTES_ATTR, RowsOfCache, SequenceRoute, routes_of  # noqa: F401 (ROUTES_ATTR re-exported)
+from routertune.routing.token_attention import kept_query_attention, keys_and_values, supports_kept_queries
 
 # Keyword argument that carries the 2-D padding mask from the base model to every decoder layer.
 TOKEN_MASK_KWARG = "routertune_token_mask"

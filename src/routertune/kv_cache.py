@@ -1,8 +1,10 @@
-"""Generation helpers: KV-cache accounting and token streaming.
+"""KV-cache accounting: the bytes a transformers cache holds, and its length per layer.
 
-Routing needs nothing special from ``generate()``: sequence routes are decided at prefill and
-stored on the request's cache (see :mod:`routertune.layers`), so every generation strategy that
-builds a fresh cache per call (greedy, sampling, beam search) gets consistent routes.
+A layer whose attention the whole batch skipped writes nothing to the cache, so these numbers
+show the memory routing saves. Routing itself needs nothing special from ``generate()``:
+sequence routes are decided at prefill and stored on the request's cache
+(:mod:`routertune.routing.routes`), so every generation strategy that builds a fresh cache per
+call (greedy, sampling, beam search) gets consistent routes.
 """
 
 from __future__ import annotations

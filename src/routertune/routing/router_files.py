@@ -1,0 +1,143 @@
+"""Router files: ``router_config.json`` + ``routers.safetensors``, routers only (kilobytes).
+
+    save_routers(model, "my_routers")
+    load_routers(plain_model, "my_routers")      # attaches, then loads the weights and thresholds
+
+A folder records the router config, the routed layers and the shape of the model it was saved
+from; loading refuses files that do not match the model, naming what differs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from routertune.io_utils import atomic_path, atomic_write_text
+from routertune.routing.arch import decoder_layers
+from routertune.routing.attach import attach_routers, get_router_config, require_config, routed_layers
+from routertune.routing.config import RouterConfig, RouterConfigError
+
+CONFIG_NAME = "router_config.json"
+WEIGHTS_NAME = "routers.safetensors"
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "RouterLoadError", "load_routers", "read_router_files", "save_routers"]
+
+
+class RouterLoadError(ValueError):
+    """Saved routers are missing, corrupt, or do not match the model."""
+
+
+def save_routers(model: nn.Module, path: str | Path) -> Path:
+    """Writes ``router_config.json`` and ``routers.safetensors`` (routers only) into ``path``.
+
+    Each file is written to a temporary name and renamed, so a crash leaves either the old file
+    or the new one.
+    """
+    from safetensors.torch import save_file
+
+    from routertune import __version__
+
+    config = require_config(model)
+    layers = routed_layers(model)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        f"layers.{i}.weight": layer.router.proj.weight.detach().float().cpu().contiguous()
+        for i, layer in layers.items()
+    }
+    meta = {
+        "routertune_version": __version__,
+        "router_config": config.to_dict(),
+        "routed_layers": sorted(layers),
+        "base_model": getattr(model.config, "_name_or_path", None) or None,
+        "model_type": getattr(model.config, "model_type", None),
+        "hidden_size": model.config.hidden_size,
+        "num_hidden_layers": len(decoder_layers(model)),
+    }
+    with atomic_path(path / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "routertune_version": __version__})
+    atomic_write_text(path / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_router_files(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Reads and checks a saved router folder without touching any model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not path.is_dir():
+        raise RouterLoadError(f"router folder {path} does not exist")
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise RouterLoadError(f"{f} is missing (a router folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        meta = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise RouterLoadError(f"{config_file} is not valid JSON: {exc}") from exc
+    missing = [
+        k for k in ("router_config", "hidden_size", "num_hidden_layers", "routed_layers") if k not in meta
+    ]
+    if missing:
+        raise RouterLoadError(f"{config_file} lacks {', '.join(missing)}")
+    try:
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise RouterLoadError(f"{weights_file} is corrupt or unreadable: {exc}") from exc
+    return meta, tensors
+
+
+def load_routers(model: nn.Module, path: str | Path) -> nn.Module:
+    """Attaches (if needed) and loads saved routers into ``model``; returns it.
+
+    Raises:
+        RouterLoadError: missing or corrupt files, or routers saved for another model shape
+            (hidden size, layer count) or another granularity than the model's routers.
+    """
+    meta, tensors = read_router_files(path)
+    hidden, num_layers = model.config.hidden_size, len(decoder_layers(model))
+    if meta["hidden_size"] != hidden or meta["num_hidden_layers"] != num_layers:
+        raise RouterLoadError(
+            f"routers in {path} were saved for a model with hidden_size={meta['hidden_size']} and "
+            f"{meta['num_hidden_layers']} layers (base model {meta.get('base_model')!r}); this model has "
+            f"hidden_size={hidden} and {num_layers} layers"
+        )
+    try:
+        config = RouterConfig.from_dict(meta["router_config"])
+    except (RouterConfigError, TypeError) as exc:
+        raise RouterLoadError(f"{Path(path) / CONFIG_NAME}: invalid router_config: {exc}") from exc
+    # The saved layer list is authoritative (it already excludes mask-anchor layers).
+    config.layers = [int(i) for i in meta["routed_layers"]]
+    current = get_router_config(model)
+    if current is None:
+        attach_routers(model, config)
+    elif current.granularity != config.granularity:
+        raise RouterLoadError(
+            f"routers in {path} use granularity {config.granularity}, the model's routers use {current.granularity}"
+        )
+    layers = routed_layers(model)
+    expected = {f"layers.{i}.weight" for i in layers}
+    if set(tensors) != expected:
+        raise RouterLoadError(
+            f"routers in {path} cover layers {sorted(tensors)}; the model routes {sorted(expected)}"
+        )
+    for i, layer in layers.items():
+        weight = tensors[f"layers.{i}.weight"]
+        if tuple(weight.shape) != (1, hidden):
+            raise RouterLoadError(
+                f"router of layer {i} in {path} has shape {tuple(weight.shape)}, expected (1, {hidden})"
+            )
+        if not torch.isfinite(weight).all():
+            raise RouterLoadError(f"router of layer {i} in {path} has non-finite weights")
+        with torch.no_grad():
+            layer.router.proj.weight.copy_(weight.to(layer.router.proj.weight))
+        layer.router.threshold = config.threshold_for(i)
+    if current is not None:
+        current.threshold = config.threshold
+        current.layer_thresholds = config.layer_thresholds
+    return model
