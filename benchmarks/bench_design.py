@@ -37,14 +37,9 @@ import torch
 import routertune.routing.layers as L
 import routertune.routing.token_attention as TA
 from routertune import RouterConfig, attach_routers
-from routertune.benchmark import (
-    environment,
-    interleaved_runs,
-    load_bench_model,
-    routers_detached,
-    timed_generation,
-)
-from routertune.flops import LayerWork, ModelShape, phase_flops, routed_works
+from routertune.benchmark import interleaved_runs, load_bench_model, routers_detached, timed_generation
+from routertune.benchmark.environment import environment
+from routertune.benchmark.flops import LayerWork, ModelShape, phase_flops, routed_works
 from routertune.io_utils import atomic_write_text
 from routertune.routing.attach import all_units_kept, routed_layers, set_thresholds
 from routertune.routing.observe import router_probabilities

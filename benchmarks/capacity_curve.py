@@ -241,7 +241,7 @@ def _without_boolq(tasks: Any) -> list[str]:
 
 def _ideal(config: Any, per_layer: dict[str, float], context: int) -> dict[str, float]:
     """FLOP-ideal speedup of prefilling ``context`` tokens and decoding 32, at these capacities."""
-    from routertune.flops import ModelShape, ideal_speedup
+    from routertune.benchmark.flops import ModelShape, ideal_speedup
 
     shape = ModelShape.from_config(config)
     caps = {int(k): v for k, v in per_layer.items()}

@@ -27,8 +27,9 @@ from routertune.analyze import (  # noqa: E402
     plot_skip_heatmap,
     write_analysis,
 )
-from routertune.calibrate import DEFAULT_N, calibration_split, make_batches, measure_capacity  # noqa: E402
+from routertune.calibrate import DEFAULT_N, calibration_split, make_batches  # noqa: E402
 from routertune.routing.attach import set_thresholds  # noqa: E402
+from routertune.routing.observe import measure_capacity  # noqa: E402
 
 from helpers import randomize_routers  # noqa: E402
 

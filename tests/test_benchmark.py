@@ -23,16 +23,16 @@ from routertune.benchmark import (
     SCHEMA,
     BenchError,
     BenchSettings,
-    _oracle_layers,
     build_random_model,
     force_skip,
     forced_skip_layers,
-    preset_config,
     routers_detached,
     run_benchmark,
     sublayers_deleted,
     variant,
 )
+from routertune.benchmark.presets import preset_config
+from routertune.benchmark.suite import _oracle_layers
 from routertune.cli import app
 from routertune.routing.attach import routed_layers
 
@@ -161,7 +161,7 @@ def test_presets_parameter_counts_match_built_models():
 
 
 def test_preset_too_big_for_memory_is_refused(monkeypatch):
-    import routertune.benchmark as bench
+    import routertune.benchmark.presets as bench
 
     monkeypatch.setattr(bench, "available_memory_bytes", lambda: 2**30)
     with pytest.raises(BenchError, match="GiB"):

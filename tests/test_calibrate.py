@@ -28,12 +28,11 @@ from routertune.calibrate import (  # noqa: E402
     calibration_split,
     kept_target,
     make_batches,
-    measure_capacity,
     save_calibrated,
     threshold_for_count,
 )
 from routertune.routing.attach import routed_layers  # noqa: E402
-from routertune.routing.observe import track_capacity
+from routertune.routing.observe import measure_capacity, track_capacity  # noqa: E402
 
 from helpers import randomize_routers  # noqa: E402
 

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen2Conf
 
 from routertune import GRANULARITIES, RouterConfig, attach_routers
 from routertune.benchmark import force_skip, sublayers_deleted
-from routertune.flops import (
+from routertune.benchmark.flops import (
     DENSE,
     LayerWork,
     ModelShape,

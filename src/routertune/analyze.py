@@ -106,7 +106,8 @@ def analyze_routing(
             columns[name] = column
 
     if instructions > 0:
-        from routertune.calibrate import DEFAULT_N, calibration_split, make_batches, measure_capacity
+        from routertune.calibrate import DEFAULT_N, calibration_split, make_batches
+        from routertune.routing.observe import measure_capacity
 
         # The examples just before the default calibration set: never calibrated on by default.
         _, held = calibration_split("builtin", n=DEFAULT_N, n_heldout=instructions)

@@ -33,7 +33,9 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from routertune.calibrate import KEEP_ALL_THRESHOLD, SKIP_ALL_THRESHOLD, make_batches, run_batches
+from routertune.calibrate import make_batches
+from routertune.routing.observe import run_batches
+from routertune.routing.router import KEEP_ALL_THRESHOLD, SKIP_ALL_THRESHOLD
 
 if TYPE_CHECKING:
     import torch

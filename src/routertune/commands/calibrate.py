@@ -106,11 +106,11 @@ def calibrate_command(
         calibrate_thresholds,
         calibration_split,
         make_batches,
-        measure_capacity,
         save_calibrated,
     )
     from routertune.data import DataFormatError
     from routertune.loading import ModelResolutionError, load_model_and_tokenizer
+    from routertune.routing.observe import measure_capacity
     from routertune.routing.router_files import CONFIG_NAME, RouterLoadError, load_routers, read_router_files
 
     # Cheap checks first: router files and data, before the model load.

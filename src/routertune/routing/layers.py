@@ -196,10 +196,9 @@ class RoutedAttention(SubLayerWrapper):
         """The decision, without scoring where the threshold fixes it (<= 0 keeps, > 1 skips)."""
         r = self.routing
         keep = None
-        if r.forced_keep is None and self.router.threshold <= 0.0:
-            keep = torch.ones(shape, dtype=torch.bool, device=x.device)
-        elif r.forced_keep is None and self.router.threshold > 1.0:
-            keep = torch.zeros(shape, dtype=torch.bool, device=x.device)
+        fixed = self.router.fixed_decision if r.forced_keep is None else None
+        if fixed is not None:
+            keep = torch.full(shape, fixed, dtype=torch.bool, device=x.device)
         if keep is None or r.observers:
             scores = self._scores(x, valid)
             keep = self._keep(scores, valid) if keep is None else keep

@@ -11,6 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# Thresholds that fix a layer's decision without scoring: sigmoid scores lie in (0, 1), so a
+# threshold <= 0 keeps every unit and one above 1 skips every unit. The routed layer then takes
+# its no-scoring path (no router forward, no host read of the decision).
+KEEP_ALL_THRESHOLD = 0.0
+SKIP_ALL_THRESHOLD = 2.0
+
 
 class Router(nn.Module):
     """Scores hidden states; higher means "compute this unit".
@@ -37,6 +43,16 @@ class Router(nn.Module):
         """
         logits = nn.functional.linear(x.float(), self.proj.weight.float())
         return torch.sigmoid(logits.squeeze(-1))
+
+    @property
+    def fixed_decision(self) -> bool | None:
+        """True when the threshold keeps every unit, False when it skips every unit, None when
+        the scores decide."""
+        if self.threshold <= KEEP_ALL_THRESHOLD:
+            return True
+        if self.threshold > 1.0:
+            return False
+        return None
 
     def keep(self, scores: torch.Tensor) -> torch.Tensor:
         """Hard decision: ``(...)`` bool, True where the unit is computed."""

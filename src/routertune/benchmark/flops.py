@@ -6,7 +6,7 @@ values at the actual key length, the gated MLP (gate, up, down), the routers, an
 Multiply-adds count 2 FLOPs. Norms, rotary, softmax, residual adds and the embedding lookup are
 left out: they are a few FLOPs per hidden unit, well under 1% at any size timed here.
 
-    from routertune.flops import ModelShape, phase_flops, routed_work
+    from routertune.benchmark.flops import ModelShape, phase_flops, routed_work
     shape = ModelShape.from_config(model.config)
     dense = phase_flops(shape, "prefill", context=512, batch=8)
     routed = phase_flops(shape, "prefill", 512, 8, works={i: routed_work("attn_sequence", 0.0) for i in (20, 21)})

@@ -1,42 +1,4 @@
-"""Calibrate router thresholds to a target capacity, without retraining.
-
-    routertune calibrate --routers runs/rt --target_capacity 0.5
-
-    from routertune.calibrate import calibration_split, make_batches, calibrate_thresholds
-    fit, heldout = calibration_split("builtin", n=64, n_heldout=32)
-    result = calibrate_thresholds(model, make_batches(tokenizer, fit), target_capacity=0.5)
-
-A router keeps a unit (a sequence or a token of one layer) iff ``score - threshold >= 0``.
-Calibration records the routers' scores on instruction examples and moves the thresholds to
-score quantiles so that the routed model keeps the requested share of routed units:
-
-* ``global`` (default): one threshold for all routed layers, the quantile ``1 - C`` of all
-  scores pooled; layers whose routers score higher keep more, so compute moves between
-  layers as the routers prefer. On SmolLM2 it gave a lower held-out loss than ``per_layer``
-  at the same capacity (docs/baselines.md).
-* ``per_layer``: every routed layer keeps the share ``C`` of its units; the threshold of
-  layer ``l`` is the quantile ``1 - C`` of that layer's scores. Exact, and one forward pass.
-
-Skipping a unit changes the hidden states every later layer sees, so the scores of layer
-``l`` depend on the thresholds of the layers before it (and, for ``global``, of itself).
-
-* ``per_layer`` is solved exactly, layer after layer: each layer's quantile is taken from
-  the scores it makes while every earlier layer already runs with its final threshold. With
-  the calibration set in one batch that is one forward pass (a hook sets each router's
-  threshold the moment it has scored the batch, before its layer acts); with several
-  batches, one pass per routed layer, each stopped right after that layer's router.
-* ``global`` iterates: each pass runs the routed model (really skipping) under the current
-  threshold and proposes the pooled-score quantile of what it saw, bisecting inside the
-  bracket of thresholds known to keep too much and too little, until the kept count is
-  within ``max(1, 0.5%)`` of the routed units.
-
-A first version iterated ``per_layer`` the same way; on SmolLM2 with trained routers whose
-scores sit within a few hundredths of each other, 8 passes did not settle (every upstream
-change flips decisions downstream). docs/baselines.md has the measured comparison.
-
-The data helpers here (``calibration_split``, ``make_batches``, ``run_batches``) are shared
-with :mod:`routertune.baselines` and :mod:`routertune.analyze`.
-"""
+"""Thresholds for a target capacity: the ``per_layer`` and ``global`` searches of the package doc."""
 
 from __future__ import annotations
 
@@ -46,180 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from routertune.calibrate.data import CalibrationError
+from routertune.routing.router import KEEP_ALL_THRESHOLD, SKIP_ALL_THRESHOLD
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 CALIBRATION_METHODS = ("global", "per_layer")
-# A threshold above 1 skips every unit of its layer (sigmoid scores never exceed 1); the routed
-# layer then takes its no-scoring fast path.
-SKIP_ALL_THRESHOLD = 2.0
-KEEP_ALL_THRESHOLD = 0.0
 CALIBRATION_REPORT = "calibration.json"
-DEFAULT_N = 64  # calibration examples
-DEFAULT_HELDOUT = 32  # held-out examples the achieved capacity is checked on
-
-
-class CalibrationError(ValueError):
-    """Invalid calibration inputs: capacity out of range, empty data, a model without routers."""
-
-
-# --------------------------------------------------------------------------------------------
-# data
-# --------------------------------------------------------------------------------------------
-def calibration_split(
-    source: str | Path = "builtin", n: int = DEFAULT_N, n_heldout: int = DEFAULT_HELDOUT
-) -> tuple[list, list]:
-    """Instruction examples to calibrate on, and held-out ones to check the result on.
-
-    ``builtin``: the last ``n`` examples of the built-in mix, and the ``n_heldout`` before them.
-    Training takes the mix from its start (``--max_train_samples`` of 4,083), so the tail is
-    not trained on unless a run uses nearly all of it. None of it is evaluation data.
-    A jsonl file (or a folder with ``data.jsonl``): its first ``n`` examples, then the next
-    ``n_heldout``.
-
-    Returns:
-        ``(fit, heldout)``: lists of unified-format examples; ``heldout`` may be shorter than
-        ``n_heldout`` (or empty) when the file runs out.
-
-    Raises:
-        CalibrationError: ``n < 1``, ``n_heldout < 0``, or no example to calibrate on.
-        FileNotFoundError, DataFormatError: from reading the file.
-    """
-    from routertune.data import builtin_messages, load_training_examples
-
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise CalibrationError(f"the number of calibration examples must be >= 1; got {n!r}")
-    if isinstance(n_heldout, bool) or not isinstance(n_heldout, int) or n_heldout < 0:
-        raise CalibrationError(f"the number of held-out examples must be >= 0; got {n_heldout!r}")
-    if str(source) == "builtin":
-        examples = builtin_messages()
-        if n + n_heldout > len(examples):
-            raise CalibrationError(
-                f"the builtin mix has {len(examples)} examples; asked for {n} + {n_heldout} held-out"
-            )
-        end = len(examples)
-        return examples[end - n :], examples[end - n - n_heldout : end - n]
-    examples = load_training_examples(source)
-    if not examples:
-        raise CalibrationError(f"calibration data {source} holds no example")
-    return examples[:n], examples[n : n + n_heldout]
-
-
-def _encode(tokenizer: Any, item: Any, max_length: int) -> tuple[list[int], list[int] | None] | None:
-    """Token ids (and loss labels, for examples) of one text or unified-format example."""
-    from routertune.data import encode_example, render_messages
-
-    if isinstance(item, str):
-        ids = list(tokenizer(item)["input_ids"])
-        return (ids[:max_length], None) if ids else None
-    if not isinstance(item, dict):
-        raise CalibrationError(
-            f"calibration item must be a text or an example dict; got {type(item).__name__}"
-        )
-    encoded = encode_example(item, tokenizer)
-    if encoded is not None:
-        return encoded["input_ids"][:max_length], encoded["labels"][:max_length]
-    if "messages" not in item:
-        return None
-    # No assistant turn: nothing to score a loss on, but still a valid input to route.
-    text, _, add_special = render_messages(item["messages"], tokenizer)
-    ids = list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
-    return (ids[:max_length], None) if ids else None
-
-
-def make_batches(
-    tokenizer: Any, data: list, batch_size: int = 8, max_length: int = 512, route_on: str = "all"
-) -> list[dict[str, torch.Tensor]]:
-    """Tokenises texts or unified-format examples into left-padded batches.
-
-    Examples are rendered as in training (chat template, whole conversation) and cut to
-    ``max_length`` tokens; they are sorted by length so that batches carry little padding.
-    Items that already are batches (dicts with ``input_ids``) are passed through.
-
-    ``route_on="prompt"`` adds a ``routing_mask``: sequence routers then decide on each
-    example's prompt (the tokens before its first answer token), as generation and
-    ``routertune eval`` route, so the calibrated share is the share kept in use. Texts and
-    examples without an answer are all prompt. Token routers ignore the mask.
-
-    Returns:
-        Dicts with ``input_ids`` ``(B, T)`` long, ``attention_mask`` ``(B, T)`` long (0 on
-        padding), for examples ``labels`` ``(B, T)`` (-100 outside assistant turns) and, with
-        ``route_on="prompt"``, ``routing_mask`` ``(B, T)`` long.
-
-    Raises:
-        CalibrationError: empty data, no item yields a token, or an unknown ``route_on``.
-    """
-    import torch
-
-    from routertune.data.encode import ROUTE_ON, prompt_routing_mask
-
-    if batch_size < 1 or max_length < 1:
-        raise CalibrationError(f"batch_size and max_length must be >= 1; got {batch_size}, {max_length}")
-    if route_on not in ROUTE_ON:
-        raise CalibrationError(f"route_on must be one of {', '.join(ROUTE_ON)}; got {route_on!r}")
-    if not data:
-        raise CalibrationError("the calibration set is empty")
-    if all(isinstance(item, dict) and "input_ids" in item for item in data):
-        return list(data)
-    encoded = [e for e in (_encode(tokenizer, item, max_length) for item in data) if e is not None]
-    if not encoded:
-        raise CalibrationError(f"none of the {len(data)} calibration items yields tokens")
-    encoded.sort(key=lambda e: -len(e[0]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    batches = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        T = len(chunk[0][0])  # longest first
-        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        labels = torch.full((len(chunk), T), -100, dtype=torch.long)
-        routing = torch.zeros((len(chunk), T), dtype=torch.long)
-        for b, (tokens, lab) in enumerate(chunk):
-            n = len(tokens)
-            ids[b, T - n :] = torch.tensor(tokens)
-            mask[b, T - n :] = 1
-            if lab is not None:
-                labels[b, T - n :] = torch.tensor(lab)
-            routing[b, T - n :] = torch.tensor(prompt_routing_mask(lab) if lab is not None else [1] * n)
-        batch = {"input_ids": ids, "attention_mask": mask}
-        if any(lab is not None for _, lab in chunk):
-            batch["labels"] = labels
-        if route_on == "prompt":
-            batch["routing_mask"] = routing
-        batches.append(batch)
-    return batches
-
-
-def run_batches(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
-    """Runs the decoder stack (not the LM head: only layer decisions matter) over ``batches``.
-
-    Eval mode and no grad, so routed layers really skip; no KV cache, so every forward decides
-    afresh. A batch's ``routing_mask`` (see :func:`make_batches`) is passed on. The model's
-    train/eval mode is restored afterwards.
-    """
-    import torch
-
-    from routertune.routing.arch import base_model
-    from routertune.routing.attach import ROUTING_MASK_ARG
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                extra = {}
-                if "routing_mask" in batch:
-                    extra[ROUTING_MASK_ARG] = batch["routing_mask"].to(device)
-                base_model(model)(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
-                    use_cache=False,
-                    **extra,
-                )
-    finally:
-        model.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,7 +77,7 @@ class CalibrationResult:
             (``CapacityStats.as_dict()``: overall, per_layer, counts).
         passes: forward passes over the calibration data.
         converged: whether the kept count is within tolerance of the target.
-        heldout: capacity on held-out data, when measured (see :func:`measure_capacity`).
+        heldout: capacity on held-out data, when measured (see :func:`routertune.routing.observe.measure_capacity`).
         history: per pass, the thresholds tried and the overall capacity they kept.
     """
 
@@ -328,7 +125,7 @@ def _record_pass(
     model: nn.Module, batches: list
 ) -> tuple[dict[int, tuple[int, int]], dict[int, torch.Tensor]]:
     """One pass under the current thresholds: (kept, total) per layer and the scores made."""
-    from routertune.routing.observe import router_probabilities, track_capacity
+    from routertune.routing.observe import router_probabilities, run_batches, track_capacity
 
     with track_capacity(model) as stats, router_probabilities(model) as recorder:
         run_batches(model, batches)
@@ -379,7 +176,7 @@ def calibrate_thresholds(
         CalibrationError: bad capacity or method, empty batches, or no routers.
     """
     from routertune.routing.attach import get_router_config, set_thresholds
-    from routertune.routing.observe import track_capacity
+    from routertune.routing.observe import capacity_summary, overall_capacity, run_batches, track_capacity
 
     capacity = _check_capacity(target_capacity)
     if method not in CALIBRATION_METHODS:
@@ -412,14 +209,14 @@ def calibrate_thresholds(
     if not converged:
         warnings.warn(
             f"calibration did not reach capacity {capacity:g}: off by {miss} (tied router scores, e.g. of "
-            f"untrained routers, cannot be split); kept the closest thresholds: capacity {_overall(counts):.4f}",
+            f"untrained routers, cannot be split); kept the closest thresholds: capacity {overall_capacity(counts):.4f}",
             stacklevel=2,
         )
     return CalibrationResult(
         method=method,
         target_capacity=capacity,
         thresholds=_current_thresholds(model),
-        calibration=_counts_dict(counts),
+        calibration=capacity_summary(counts),
         passes=passes,
         converged=converged,
         history=history,
@@ -437,7 +234,7 @@ def _calibrate_per_layer(
     import torch
 
     from routertune.routing.attach import routed_layers, set_thresholds
-    from routertune.routing.observe import track_capacity
+    from routertune.routing.observe import run_batches, track_capacity
 
     layers = routed_layers(model)
     single = len(batches) == 1
@@ -539,31 +336,6 @@ def _global_step(
     if not bracket[0] < proposal < bracket[1]:
         proposal = (bracket[0] + bracket[1]) / 2
     return proposal
-
-
-def _overall(counts: dict[int, tuple[int, int]]) -> float:
-    total = sum(t for _, t in counts.values())
-    return sum(k for k, _ in counts.values()) / total if total else float("nan")
-
-
-def _counts_dict(counts: dict[int, tuple[int, int]]) -> dict[str, Any]:
-    """The same shape as ``CapacityStats.as_dict()``."""
-    return {
-        "overall": _overall(counts),
-        "per_layer": {str(i): (k / t if t else None) for i, (k, t) in counts.items()},
-        "counts": {str(i): {"kept": k, "total": t} for i, (k, t) in counts.items()},
-    }
-
-
-def measure_capacity(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Capacity the routed model keeps on ``batches`` (``CapacityStats.as_dict()``)."""
-    from routertune.routing.observe import track_capacity
-
-    if not batches:
-        raise CalibrationError("no batches to measure capacity on")
-    with track_capacity(model) as stats:
-        run_batches(model, batches)
-    return stats.as_dict()
 
 
 def save_calibrated(model: nn.Module, output: str | Path, report: dict[str, Any]) -> Path:
