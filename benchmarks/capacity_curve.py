@@ -139,7 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     POINTS_DIR.mkdir(parents=True, exist_ok=True)
     model, tokenizer = _load_model()
     for point in args.points.split(","):
-        label = point if args.route_on == "context" or not point.startswith("routed") else f"{point}@all"
+        label = point if args.route_on == "prompt" or not point.startswith("routed") else f"{point}@all"
         out = POINTS_DIR / f"{label.replace(':', '-').replace('@', '-')}.json"
         if out.exists() and not args.force:
             print(f"{point}: {out} exists, skipped")
@@ -491,8 +491,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     ev.add_argument(
         "--route_on",
-        default="context",
-        choices=("context", "all"),
+        default="prompt",
+        choices=("prompt", "all"),
         help="what sequence routers decide on in lm-eval requests; 'all' points are labelled <point>@all",
     )
     sp = sub.add_parser("speed")

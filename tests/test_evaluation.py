@@ -15,12 +15,12 @@ import torch  # noqa: E402
 from routertune import RouterConfig, attach_routers, save_routers  # noqa: E402
 from routertune.evaluation import (  # noqa: E402
     EvaluationError,
-    MaskedHFLM,
     UnknownTaskError,
     build_task_manager,
     evaluate,
     resolve_tasks,
 )
+from routertune.evaluation.harness import MaskedHFLM  # noqa: E402
 from routertune.routing.attach import routed_layers, set_thresholds  # noqa: E402
 from routertune.routing.observe import router_probabilities, track_capacity
 from routertune.tasks import PAPER_TASKS  # noqa: E402
@@ -167,7 +167,7 @@ def test_routed_loglikelihoods_do_not_depend_on_batch_size(model, tokenizer, tas
 
 @pytest.mark.parametrize("granularity", ["attn_sequence", "block_sequence"])
 def test_context_routing_scores_like_prefill_then_continuation(model, tokenizer, task_manager, granularity):
-    """route_on="context" (default) scores each request as generation would compute it: the
+    """route_on="prompt" (default) scores each request as generation would compute it: the
     context prefilled (routes decided there), then the continuation through the cache."""
     from transformers import DynamicCache
 
@@ -266,7 +266,7 @@ def test_evaluate_reports_metrics_samples_and_capacity_per_task(model, tokenizer
 
 
 def test_paper_average_needs_all_eight_tasks():
-    from routertune.evaluation import _average
+    from routertune.evaluation.scores import average as _average
 
     per_task = {name: {"acc": 0.5, "acc_norm": 0.7} for name in PAPER_TASKS}
     avg = _average(per_task, list(PAPER_TASKS))

@@ -82,7 +82,7 @@ def analyze_routing(
         AnalysisError: the model has no routers, or there is neither a task nor an instruction.
     """
     from routertune.routing.attach import get_router_config, routed_layers
-    from routertune.tasks import DEFAULT_TASKS, PRIMARY_METRIC
+    from routertune.tasks import DEFAULT_TASKS, primary_metric
 
     config = get_router_config(model)
     if config is None:
@@ -101,7 +101,7 @@ def analyze_routing(
         )
         for name, entry in results["tasks"].items():
             column = _column(entry["capacity"] or {}, layers)
-            metric = PRIMARY_METRIC.get(name) or ("acc_norm" if entry.get("acc_norm") is not None else "acc")
+            metric = primary_metric(name, entry)
             column.update({"metric": metric, "value": entry.get(metric), "samples": entry.get("samples")})
             columns[name] = column
 

@@ -121,10 +121,11 @@ def attention_importance(
     """
     import contextlib
 
-    from routertune.routing.arch import decoder_layers
+    from routertune.routing.arch import arch_spec, decoder_layers
     from routertune.routing.attach import all_units_kept, get_router_config
 
     all_layers = decoder_layers(model)
+    attention = arch_spec(model).attention  # the family's own name (self_attn, attention, ...)
     layers = list(range(len(all_layers))) if layers is None else sorted(layers)
     bad = [i for i in layers if not 0 <= i < len(all_layers)]
     if bad:
@@ -135,7 +136,7 @@ def attention_importance(
     for i in layers:
         layer = all_layers[i]
         handles.append(layer.register_forward_pre_hook(collector.layer_input(i), with_kwargs=True))
-        handles.append(layer.self_attn.register_forward_hook(collector.attention_output(i)))
+        handles.append(getattr(layer, attention).register_forward_hook(collector.attention_output(i)))
     dense = all_units_kept(model) if get_router_config(model) is not None else contextlib.nullcontext()
     try:
         with dense:

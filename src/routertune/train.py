@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from routertune.training.run import run  # noqa: F401 - re-exported for scripts
-
-__all__ = ["main", "run"]
+__all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from routertune.routing.config import RouterConfigError
     from routertune.routing.router_files import RouterLoadError
     from routertune.training.arguments import TrainArgumentError, parse_args
+    from routertune.training.run import run
     from routertune.training.trainer import NonFiniteLossError
 
     expected = (

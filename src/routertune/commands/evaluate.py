@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 import typer
 
+from routertune.data.encode import ROUTE_ON
 from routertune.loading import DEFAULT_MODEL
 from routertune.tasks import DEFAULT_TASKS, TASK_PREFIX
 
@@ -59,11 +60,11 @@ def evaluate_command(
         help="Few-shot examples per prompt (default: 0 for every offline task).",
     ),
     route_on: str = typer.Option(
-        "context",
+        "prompt",
         "--route_on",
         "--route-on",
-        help="What sequence routers decide on: 'context' (the prompt, as in generation) or 'all' "
-        "(context + scored continuation, as the seed).",
+        help="What sequence routers decide on: 'prompt' (the request's context, as generation routes "
+        "its prompt) or 'all' (context + scored continuation, as the seed).",
     ),
     per_doc: bool = typer.Option(
         False, "--per_doc", "--per-doc", help="Keep each document's 0/1 scores in the JSON (for paired comparisons)."
@@ -81,8 +82,8 @@ def evaluate_command(
         _fail(f"--batch_size must be >= 1; got {batch_size}")
     if num_fewshot is not None and num_fewshot < 0:
         _fail(f"--num_fewshot must be >= 0; got {num_fewshot}")
-    if route_on not in ("context", "all"):
-        _fail(f"--route_on must be 'context' or 'all'; got {route_on!r}")
+    if route_on not in ROUTE_ON:
+        _fail(f"--route_on must be one of {', '.join(ROUTE_ON)}; got {route_on!r}")
     if output_path is not None and output_path.is_dir():
         _fail(
             f"--output_path {output_path} is a folder; give a file name such as {output_path / 'eval.json'}"
@@ -141,14 +142,14 @@ def evaluate_command(
 
 def format_table(results: dict[str, Any]) -> str:
     """A fixed-width text table: one row per task, then the averages."""
-    from routertune.tasks import PRIMARY_METRIC
+    from routertune.tasks import primary_metric
 
     header = (
         f"{'task':<16}{'metric':<10}{'value':>8}{'stderr':>9}{'samples':>9}{'capacity':>10}{'seconds':>9}"
     )
     lines = [header, "-" * len(header)]
     for name, entry in results["tasks"].items():
-        metric = PRIMARY_METRIC.get(name) or ("acc_norm" if entry.get("acc_norm") is not None else "acc")
+        metric = primary_metric(name, entry)
         capacity = (entry.get("capacity") or {}).get("overall")
         lines.append(
             f"{name:<16}{metric:<10}{_fmt(entry.get(metric)):>8}{_fmt(entry.get(f'{metric}_stderr')):>9}"

@@ -24,7 +24,8 @@ from typing import Any
 from routertune.data.messages import DataFormatError, load_messages_jsonl, validate_example
 
 IGNORE_INDEX = -100
-# What sequence routers decide on in training and calibration: the whole example, or its prompt.
+# What sequence routers decide on when a forward holds a prompt and its answer (training,
+# calibration, evaluation): the whole sequence, or the prompt alone, as generation routes.
 ROUTE_ON = ("all", "prompt")
 
 __all__ = [

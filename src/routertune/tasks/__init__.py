@@ -30,7 +30,9 @@ has no training split).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from routertune.tasks.mmlu_subjects import MMLU_CATEGORIES, MMLU_SUBJECTS, TASK_PREFIX
 from routertune.tasks.offline_data import (
@@ -85,6 +87,13 @@ PRIMARY_METRIC: dict[str, str] = {
 }
 
 
+def primary_metric(task: str, scores: Mapping[str, Any]) -> str:
+    """The metric a task is reported and averaged by: :data:`PRIMARY_METRIC` for the offline
+    tasks, else ``acc_norm`` when ``scores`` (a task's metrics or per-document scores) has it,
+    else ``acc``."""
+    return PRIMARY_METRIC.get(task) or ("acc_norm" if scores.get("acc_norm") is not None else "acc")
+
+
 def lm_eval_name(name: str) -> str:
     """The name lm-eval knows an offline task by: ``arc_easy`` -> ``routertune_arc_easy``."""
     return name if name.startswith(TASK_PREFIX) else TASK_PREFIX + name
@@ -118,5 +127,6 @@ __all__ = [
     "lm_eval_name",
     "offline_task_names",
     "olmo_datasets_root",
+    "primary_metric",
     "user_name",
 ]

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -290,16 +292,31 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """
     import sys
 
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
-        path = os.path.abspath(argv[0])
-        groups = parser.parse_json_file(json_file=path)
-        given = set(json.loads(Path(path).read_text()))
-    else:
-        groups = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-        given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
-    config = TrainConfig(*groups)
+        return config_from_flags(json.loads(Path(os.path.abspath(argv[0])).read_text()))
+    groups = build_parser().parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+    return _finish(TrainConfig(*groups), given)
+
+
+def config_from_flags(flags: Mapping[str, Any]) -> TrainConfig:
+    """The config of a run from ``{flag name: value}`` (names without ``--``, native values),
+    with the same defaults and checks as the command line; for recipes that compose a run.
+
+        config_from_flags({"data_type": "builtin", "max_train_samples": 256, "output_dir": "runs/rt"})
+
+    Raises:
+        TrainArgumentError: as :func:`parse_args`, or for a name that is no training flag.
+    """
+    try:
+        groups = build_parser().parse_dict(dict(flags), allow_extra_keys=False)
+    except ValueError as exc:  # unknown names
+        raise TrainArgumentError(str(exc)) from None
+    return _finish(TrainConfig(*groups), set(flags))
+
+
+def _finish(config: TrainConfig, given: set[str]) -> TrainConfig:
     apply_mode_defaults(config, given)
     validate(config)
     return config

@@ -1,15 +1,4 @@
-"""The main job on embedded defaults, end to end, into a report a person can read.
-
-    routertune quickstart                      # default model, builtin data, ~20 min on 2 CPU cores
-    routertune quickstart --limit 100 --train_samples 2000 --output_dir reports/bigger
-
-1. router-tune the default model (SmolLM2-135M-Instruct) on the builtin instruction mix,
-   holding out examples for an LM-loss check;
-2. evaluate, on the nine offline tasks, the dense model, the routed model and the static
-   attention-drop baseline at the routed model's measured compute, all on one model object;
-3. time dense vs routed vs attention drop (prefill and decode, KV-cache bytes);
-4. write ``report.md``, ``results.json`` and plots into the output folder.
-"""
+"""The quickstart as a recipe over library parts: train, evaluate three models, time them, report."""
 
 from __future__ import annotations
 
@@ -22,13 +11,6 @@ from typing import Any
 from routertune.io_utils import atomic_write_text
 
 CALIBRATION_EXAMPLES = 64  # attention-importance data for the attention-drop baseline
-PAPER_HEADLINE = {
-    "model": "Llama-3-8B",
-    "granularity": "attn_sequence",
-    "dense_average": 69.7,
-    "routed_average": 69.4,
-    "speedup": 1.21,
-}
 
 
 @dataclass
@@ -60,7 +42,8 @@ class QuickstartSettings:
     bench_repeats: int = 3
     threads: int | None = None  # None: torch's default
     seed: int = 0
-    extra_train_args: list[str] = field(default_factory=list)
+    # More training flags by name, e.g. {"loss": "lm+distill"} (routertune train --help lists them).
+    extra_train_flags: dict[str, Any] = field(default_factory=dict)
 
 
 class Quickstart:
@@ -133,7 +116,7 @@ class Quickstart:
         self.save_results()
 
         self.step(6, total, "Writing the report")
-        from routertune.report import write_report
+        from routertune.quickstart.report import write_report
 
         report = write_report(self.results, self.out)
         self.save_results()
@@ -145,33 +128,33 @@ class Quickstart:
         return self.out / "routers"
 
     def train(self, model_name: str) -> None:
-        from routertune.training.arguments import parse_args
+        from routertune.training.arguments import config_from_flags
         from routertune.training.run import run
 
         s = self.s
-        argv = [
-            "--model_name_or_path", model_name,
-            "--data_type", "builtin",
-            "--max_train_samples", str(s.train_samples),
-            "--validation_samples", str(s.validation_samples),
-            "--max_seq_length", str(s.max_seq_length),
-            "--granularity", s.granularity,
-            "--router_layers", str(s.router_layers),
-            "--learning_rate", str(s.learning_rate),
-            "--per_device_train_batch_size", str(s.per_device_train_batch_size),
-            "--gradient_accumulation_steps", str(s.gradient_accumulation_steps),
-            "--loss", s.loss,
-            "--optim", s.optim,
-            "--train_sampling_strategy", "group_by_length",
-            "--num_train_epochs", "1",
-            "--output_dir", str(self.routers_dir),
-            "--overwrite_output_dir", "true",
-            "--seed", str(s.seed),
-            "--save_strategy", "no",
-            "--report_to", "none",
-            *s.extra_train_args,
-        ]  # fmt: skip
-        self.results["train"] = run(parse_args(argv))
+        flags = {
+            "model_name_or_path": model_name,
+            "data_type": "builtin",
+            "max_train_samples": s.train_samples,
+            "validation_samples": s.validation_samples,
+            "max_seq_length": s.max_seq_length,
+            "granularity": s.granularity,
+            "router_layers": s.router_layers,
+            "learning_rate": s.learning_rate,
+            "per_device_train_batch_size": s.per_device_train_batch_size,
+            "gradient_accumulation_steps": s.gradient_accumulation_steps,
+            "loss": s.loss,
+            "optim": s.optim,
+            "train_sampling_strategy": "group_by_length",
+            "num_train_epochs": 1,
+            "output_dir": str(self.routers_dir),
+            "overwrite_output_dir": True,
+            "seed": s.seed,
+            "save_strategy": "no",
+            "report_to": "none",
+            **s.extra_train_flags,
+        }
+        self.results["train"] = run(config_from_flags(flags))
 
     def evaluate(self, model, tokenizer) -> dict[str, Any]:
         from routertune.evaluation import evaluate
