@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from routertune.version import __version__
 
 _EXPORTS = {
     "GRANULARITIES": "routertune.routing.config",

@@ -41,11 +41,10 @@ def _column(capacity: dict[str, Any], layers: list[int]) -> dict[str, Any]:
     for i in layers:
         c = counts.get(str(i))
         per_layer[str(i)] = None if not c or not c["total"] else 1.0 - c["kept"] / c["total"]
-    kept = sum(c["kept"] for c in counts.values())
-    total = sum(c["total"] for c in counts.values())
+    overall = capacity.get("overall")
     return {
         "skip_per_layer": per_layer,
-        "skip_overall": 1.0 - kept / total if total else None,
+        "skip_overall": None if overall is None else 1.0 - overall,
         "units_per_layer": max((c["total"] for c in counts.values()), default=0),
     }
 

@@ -16,7 +16,7 @@ def environment(device: torch.device, model: nn.Module) -> dict[str, Any]:
     """Where the numbers were measured."""
     import transformers
 
-    from routertune import __version__
+    from routertune.version import __version__
 
     env: dict[str, Any] = {
         "device": str(device),

@@ -134,8 +134,10 @@ def _bench_cell(model, ids, settings: BenchSettings, shape: ModelShape, granular
         "warmup": settings.warmup,
         "capacity": {"prefill": cap_prefill, "decode": cap_decode},
         "capacity_overall": {
-            "prefill": _overall(probe.capacity_prefill),
-            "decode": _overall(probe.capacity_decode if granularity.endswith("token") else probe.capacity_prefill),
+            "prefill": probe.capacity_prefill.as_dict()["overall"],
+            "decode": (probe.capacity_decode if granularity.endswith("token") else probe.capacity_prefill).as_dict()[
+                "overall"
+            ],
         },
         "oracle_layers": deleted,
         "oracle_note": oracle_reason,
@@ -189,7 +191,3 @@ def _speedups(times: dict[str, dict[str, list[float]]], flops: dict[str, Any], p
         out["routed_over_oracle"] = paired_median(times["oracle"][key], times["routed"][key])
     return out
 
-
-def _overall(stats: Any) -> float | None:
-    """The overall capacity a probe run observed (None when it saw no unit)."""
-    return stats.as_dict()["overall"] if stats is not None else None

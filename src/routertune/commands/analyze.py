@@ -12,11 +12,10 @@ examples through the routed model, counting per layer what its routers skip. Wri
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NoReturn
 
 import typer
 
-from routertune.loading import DEFAULT_MODEL
+from routertune.commands.common import checked_limit, device_option, dtype_option, fail, model_option
 from routertune.tasks import DEFAULT_TASKS, TASK_PREFIX
 
 
@@ -28,9 +27,7 @@ def analyze_command(
     routers: Path = typer.Option(
         ..., "--routers", help="Router folder (router_config.json + routers.safetensors) to analyse."
     ),
-    model: str = typer.Option(
-        DEFAULT_MODEL, "--model", "-m", help="Local Hugging Face folder, built-in name, or hub id."
-    ),
+    model: str = model_option(),
     tasks: str = typer.Option(
         ",".join(DEFAULT_TASKS),
         "--tasks",
@@ -53,22 +50,16 @@ def analyze_command(
     include_path: Path | None = typer.Option(
         None, "--include_path", "--include-path", help="Extra folder of lm-eval task YAMLs."
     ),
-    device: str | None = typer.Option(
-        None, "--device", help="cpu, cuda, cuda:1...; default cuda when available."
-    ),
-    dtype: str | None = typer.Option(
-        None, "--dtype", help="float32, bf16 or fp16; default float32 on CPU, bf16 on CUDA."
-    ),
+    device: str | None = device_option(),
+    dtype: str | None = dtype_option(),
 ) -> None:
     """Per-layer and per-task skip rates of a routed model: analysis.json and a heatmap PNG."""
-    if limit is not None and (limit <= 0 or (limit >= 1 and not float(limit).is_integer())):
-        _fail(f"--limit must be a whole number of documents or a fraction below 1; got {limit:g}")
-    limit_value = None if limit is None else (int(limit) if limit >= 1 else float(limit))
+    limit_value = checked_limit(limit)
     if instructions < 0 or batch_size < 1 or max_length < 1:
-        _fail("--instructions must be >= 0, --batch_size and --max_length >= 1")
+        fail("--instructions must be >= 0, --batch_size and --max_length >= 1")
     task_names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not task_names and instructions == 0:
-        _fail("nothing to analyse: give --tasks or --instructions > 0")
+        fail("nothing to analyse: give --tasks or --instructions > 0")
 
     from routertune.analyze import AnalysisError, analyze_routing, format_analysis, write_analysis
     from routertune.evaluation import EvaluationError, build_task_manager, resolve_tasks
@@ -79,19 +70,19 @@ def analyze_command(
     try:
         read_router_files(routers)
     except RouterLoadError as err:
-        _fail(str(err))
+        fail(str(err))
     if task_names:  # check names and data before the (slow) model load
         try:
             resolved = resolve_tasks(task_names, build_task_manager(include_path))
             if any(name.startswith(TASK_PREFIX) for name in resolved.values()):
                 olmo_datasets_root()
         except (EvaluationError, OfflineDataError) as err:
-            _fail(str(err))
+            fail(str(err))
     try:
         lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
         load_routers(lm, routers)
     except (ModelResolutionError, RouterLoadError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
 
     try:
         analysis = analyze_routing(
@@ -105,13 +96,8 @@ def analyze_command(
             include_path=include_path,
         )
     except (AnalysisError, EvaluationError, OfflineDataError) as err:
-        _fail(str(err))
+        fail(str(err))
     analysis["routers_path"] = str(routers)
     typer.echo(format_analysis(analysis))
     js, png = write_analysis(analysis, output_dir if output_dir is not None else routers / "analysis")
     typer.echo(f"analysis written to {js} and {png}", err=True)
-
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(code=1)

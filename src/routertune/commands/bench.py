@@ -11,10 +11,10 @@ See docs/benchmarks.md for every field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NoReturn
 
 import typer
 
+from routertune.commands.common import dtype_option, fail
 from routertune.loading import DEFAULT_MODEL
 from routertune.routing.config import GRANULARITIES
 
@@ -57,7 +57,7 @@ def bench(
     ),
     json_path: Path | None = typer.Option(None, "--json", help="Write the full report (JSON) here."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (cuda:N)."),
-    dtype: str | None = typer.Option(None, "--dtype", help="float32, bf16 or fp16; default float32 on CPU, bf16 on CUDA."),
+    dtype: str | None = dtype_option(),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompts (and random weights)."),
 ) -> None:
@@ -79,9 +79,9 @@ def bench(
             seed=seed,
         )
     except BenchError as err:
-        _fail(str(err))
+        fail(str(err))
     if threads is not None and threads < 1:
-        _fail(f"--threads must be >= 1; got {threads}")
+        fail(f"--threads must be >= 1; got {threads}")
 
     import torch
 
@@ -92,23 +92,23 @@ def bench(
     from routertune.routing.attach import get_router_config
 
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        _fail("--device cuda: no CUDA device is visible; use --device cpu")
+        fail("--device cuda: no CUDA device is visible; use --device cpu")
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         lm, name = load_bench_model(model, device=device, dtype=dtype, seed=seed)
     except (BenchError, ModelResolutionError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     try:
         if routers is not None:
             load_routers(lm, routers)
             loaded = get_router_config(lm).granularity
             if granularity is not None and granularity != loaded:
-                _fail(f"--granularity {granularity} disagrees with the routers in {routers} ({loaded})")
+                fail(f"--granularity {granularity} disagrees with the routers in {routers} ({loaded})")
         else:
             attach_routers(lm, RouterConfig(granularity=granularity or "attn_sequence", router_layers=router_layers))
     except (RouterLoadError, RouterConfigError) as err:
-        _fail(str(err))
+        fail(str(err))
 
     typer.echo(f"bench: {name} on {device}, threads {torch.get_num_threads()}", err=True)
     try:
@@ -120,17 +120,12 @@ def bench(
             progress=lambda line: typer.echo(f"bench: {line}", err=True),
         )
     except (BenchError, RouterConfigError) as err:
-        _fail(str(err))
+        fail(str(err))
     except torch.OutOfMemoryError as err:
-        _fail(f"out of memory on {device} ({err}); try a smaller --context/--batch, a smaller model, or --dtype bf16")
+        fail(f"out of memory on {device} ({err}); try a smaller --context/--batch, a smaller model, or --dtype bf16")
     typer.echo(results_table(report))
     if json_path is not None:
         import json
 
         atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
         typer.echo(f"bench: wrote {json_path}", err=True)
-
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(code=1)

@@ -14,11 +14,11 @@ the routers with their thresholds (``layer_thresholds`` in router_config.json) p
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import typer
 
-from routertune.loading import DEFAULT_MODEL
+from routertune.commands.common import device_option, dtype_option, fail, fmt4, model_option
 
 
 def register(app: typer.Typer) -> None:
@@ -32,9 +32,7 @@ def calibrate_command(
     target_capacity: float = typer.Option(
         ..., "--target_capacity", "--target-capacity", help="Share of routed units to keep, in [0, 1]."
     ),
-    model: str = typer.Option(
-        DEFAULT_MODEL, "--model", "-m", help="Local Hugging Face folder, built-in name, or hub id."
-    ),
+    model: str = model_option(),
     method: str = typer.Option(
         "global",
         "--method",
@@ -75,23 +73,19 @@ def calibrate_command(
         help="Tokens sequence routers decide on while calibrating: 'prompt' (the tokens before the answer, as "
         "generate and eval route; default) or 'all' (the whole conversation, as training without --route_on).",
     ),
-    device: str | None = typer.Option(
-        None, "--device", help="cpu, cuda, cuda:1...; default cuda when available."
-    ),
-    dtype: str | None = typer.Option(
-        None, "--dtype", help="float32, bf16 or fp16; default float32 on CPU, bf16 on CUDA."
-    ),
+    device: str | None = device_option(),
+    dtype: str | None = dtype_option(),
 ) -> None:
     """Calibrate router thresholds so the routed model keeps a target share of routed units."""
     from routertune.calibrate import CALIBRATION_METHODS
     from routertune.data.encode import ROUTE_ON
 
     if not 0.0 <= target_capacity <= 1.0:
-        _fail(f"--target_capacity must be in [0, 1]; got {target_capacity:g}")
+        fail(f"--target_capacity must be in [0, 1]; got {target_capacity:g}")
     if method not in CALIBRATION_METHODS:
-        _fail(f"--method must be one of {', '.join(CALIBRATION_METHODS)}; got {method!r}")
+        fail(f"--method must be one of {', '.join(CALIBRATION_METHODS)}; got {method!r}")
     if route_on not in ROUTE_ON:
-        _fail(f"--route_on must be 'prompt' or 'all'; got {route_on!r}")
+        fail(f"--route_on must be 'prompt' or 'all'; got {route_on!r}")
     if (
         n < 1
         or n_heldout < 0
@@ -99,7 +93,7 @@ def calibrate_command(
         or (batch_size is not None and batch_size < 1)
         or max_passes < 1
     ):
-        _fail("--n, --max_length, --batch_size and --max_passes must be >= 1, --n_heldout >= 0")
+        fail("--n, --max_length, --batch_size and --max_passes must be >= 1, --n_heldout >= 0")
 
     from routertune.calibrate import (
         CalibrationError,
@@ -117,19 +111,19 @@ def calibrate_command(
     try:
         read_router_files(routers)
     except RouterLoadError as err:
-        _fail(str(err))
+        fail(str(err))
     try:
         fit, heldout = calibration_split(data, n=n, n_heldout=n_heldout)
     except (CalibrationError, DataFormatError, FileNotFoundError) as err:
-        _fail(str(err))
+        fail(str(err))
     try:
         lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
     except (ModelResolutionError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     try:
         load_routers(lm, routers)
     except RouterLoadError as err:
-        _fail(str(err))
+        fail(str(err))
 
     try:
         fit_batches = make_batches(
@@ -149,7 +143,7 @@ def calibrate_command(
         if heldout_batches:
             result.heldout = measure_capacity(lm, heldout_batches)
     except CalibrationError as err:
-        _fail(str(err))
+        fail(str(err))
 
     typer.echo(format_calibration(result.to_dict()))
     report = result.to_dict()
@@ -176,19 +170,10 @@ def format_calibration(result: dict[str, Any]) -> str:
     calib = result["calibration"]["per_layer"]
     lines = [f"{'layer':>6}{'threshold':>11}{'kept (calib)':>14}{'kept (held-out)':>17}"]
     for layer, threshold in result["thresholds"].items():
-        lines.append(f"{layer:>6}{threshold:>11.4f}{_fmt(calib.get(layer)):>14}{_fmt(held.get(layer)):>17}")
+        lines.append(f"{layer:>6}{threshold:>11.4f}{fmt4(calib.get(layer)):>14}{fmt4(held.get(layer)):>17}")
     status = "reached" if result["converged"] else "NOT reached (closest kept)"
     lines.append(
         f"target capacity {result['target_capacity']:.4f} {status} in {result['passes']} pass(es): "
-        f"calibration {_fmt(result['calibration']['overall'])}, held-out {_fmt(heldout.get('overall'))}"
+        f"calibration {fmt4(result['calibration']['overall'])}, held-out {fmt4(heldout.get('overall'))}"
     )
     return "\n".join(lines)
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
-
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(code=1)

@@ -10,9 +10,10 @@ Each verb ends with a table of counts: kept, dropped by reason, replicated.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NoReturn
 
 import typer
+
+from routertune.commands.common import fail
 
 data_app = typer.Typer(
     name="data",
@@ -24,10 +25,6 @@ data_app = typer.Typer(
 def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")
 
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(code=1)
 
 
 def _split_names(values: list[str] | None) -> list[str] | None:
@@ -70,7 +67,7 @@ def reformat_command(
             raw_data_root, save_path, _split_names(datasets), skip_unknown_roles=skip_unknown_roles
         )
     except (DataFormatError, FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     table = Table(title=f"reformat {raw_data_root} -> {save_path}")
     for column in ("dataset", "records", "kept", "dropped (reason: count)", "output"):
         table.add_column(column)
@@ -82,7 +79,7 @@ def reformat_command(
         table.add_row(r.dataset, str(r.total), str(r.kept), dropped, r.output or "-")
     Console().print(table)
     if not any(r.found for r in reports):
-        _fail(f"no raw dataset found under {raw_data_root}")
+        fail(f"no raw dataset found under {raw_data_root}")
 
 
 @data_app.command("mix")
@@ -115,7 +112,7 @@ def mix_command(
         table_of_portions = parse_portions(portions) if portions is not None else None
         report = mix_datasets(reformatted_dir, save_path, table_of_portions, seed=seed)
     except (DataFormatError, FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     table = Table(title=f"mix {reformatted_dir} -> {report.output} (seed {report.seed})")
     for column in ("dataset", "portion", "examples", "after portion"):
         table.add_column(column)
@@ -148,7 +145,7 @@ def builtin_command(
         examples = builtin_messages(n)
         excluded = builtin_excluded()
     except BuiltinDataError as e:
-        _fail(str(e))
+        fail(str(e))
     write_jsonl(save_path, examples)
     counts = Counter(e["dataset"] for e in examples)
     table = Table(title=f"builtin -> {save_path}")

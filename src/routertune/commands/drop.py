@@ -13,11 +13,10 @@ docs/baselines.md.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NoReturn
 
 import typer
 
-from routertune.loading import DEFAULT_MODEL
+from routertune.commands.common import device_option, dtype_option, fail, model_option
 
 
 def register(app: typer.Typer) -> None:
@@ -28,9 +27,7 @@ def drop_command(
     output: Path = typer.Option(
         ..., "--output", "-o", help="Router folder to write (replaced if it exists)."
     ),
-    model: str = typer.Option(
-        DEFAULT_MODEL, "--model", "-m", help="Local Hugging Face folder, built-in name, or hub id."
-    ),
+    model: str = model_option(),
     capacity: float | None = typer.Option(
         None, "--capacity", help="Share of candidate attention layers to keep (as a routed model's capacity)."
     ),
@@ -54,22 +51,18 @@ def drop_command(
         512, "--max_length", "--max-length", help="Tokens per example (cut beyond)."
     ),
     batch_size: int = typer.Option(8, "--batch_size", "--batch-size", help="Examples per forward pass."),
-    device: str | None = typer.Option(
-        None, "--device", help="cpu, cuda, cuda:1...; default cuda when available."
-    ),
-    dtype: str | None = typer.Option(
-        None, "--dtype", help="float32, bf16 or fp16; default float32 on CPU, bf16 on CUDA."
-    ),
+    device: str | None = device_option(),
+    dtype: str | None = dtype_option(),
 ) -> None:
     """Drop the least important attention sub-layers (static baseline) and save them as a router folder."""
     if (n_drop is None) == (capacity is None):
-        _fail("give exactly one of --n_drop and --capacity")
+        fail("give exactly one of --n_drop and --capacity")
     if capacity is not None and not 0.0 <= capacity <= 1.0:
-        _fail(f"--capacity must be in [0, 1]; got {capacity:g}")
+        fail(f"--capacity must be in [0, 1]; got {capacity:g}")
     if n_drop is not None and n_drop < 0:
-        _fail(f"--n_drop must be >= 0; got {n_drop}")
+        fail(f"--n_drop must be >= 0; got {n_drop}")
     if n < 1 or max_length < 1 or batch_size < 1 or router_layers < 1:
-        _fail("--n, --max_length, --batch_size and --router_layers must be >= 1")
+        fail("--n, --max_length, --batch_size and --router_layers must be >= 1")
 
     from routertune.baselines import (
         AttentionDropError,
@@ -86,11 +79,11 @@ def drop_command(
     try:
         fit, _ = calibration_split(data, n=n, n_heldout=0)
     except (CalibrationError, DataFormatError, FileNotFoundError) as err:
-        _fail(str(err))
+        fail(str(err))
     try:
         lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
     except (ModelResolutionError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
 
     try:
         candidates = candidate_layers(lm, router_layers)
@@ -100,7 +93,7 @@ def drop_command(
             lm, importance, n_drop=n_drop, capacity=capacity, candidates=candidates
         )
     except (AttentionDropError, CalibrationError) as err:
-        _fail(str(err))
+        fail(str(err))
 
     typer.echo(f"{'layer':>6}{'importance':>12}  attention")
     for i in candidates:
@@ -112,8 +105,3 @@ def drop_command(
         f"dropped attention of layers {dropped} ({len(dropped)} of {len(candidates)} candidates, "
         f"capacity {report['capacity']:.4f}); router folder written to {output}"
     )
-
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(code=1)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import typer
 
+from routertune.commands.common import checked_limit, device_option, dtype_option, fail, fmt4, model_option
 from routertune.data.encode import ROUTE_ON
-from routertune.loading import DEFAULT_MODEL
 from routertune.tasks import DEFAULT_TASKS, TASK_PREFIX
 
 _DEFAULT_TASKS = ",".join(DEFAULT_TASKS)
@@ -29,9 +29,7 @@ def register(app: typer.Typer) -> None:
 
 
 def evaluate_command(
-    model: str = typer.Option(
-        DEFAULT_MODEL, "--model", "-m", help="Local Hugging Face folder, built-in name, or hub id."
-    ),
+    model: str = model_option(),
     routers: Path | None = typer.Option(
         None, "--routers", help="Router folder (router_config.json + routers.safetensors) to attach."
     ),
@@ -69,27 +67,23 @@ def evaluate_command(
     per_doc: bool = typer.Option(
         False, "--per_doc", "--per-doc", help="Keep each document's 0/1 scores in the JSON (for paired comparisons)."
     ),
-    device: str | None = typer.Option(
-        None, "--device", help="cpu, cuda, cuda:1...; default cuda when available."
-    ),
-    dtype: str | None = typer.Option(
-        None, "--dtype", help="float32, bf16 or fp16; default float32 on CPU, bf16 on CUDA."
-    ),
+    device: str | None = device_option(),
+    dtype: str | None = dtype_option(),
 ) -> None:
     """Evaluate a model (optionally with routers) with lm-eval; print a table, optionally save JSON."""
-    limit_value = _check_limit(limit)
+    limit_value = checked_limit(limit)
     if batch_size < 1:
-        _fail(f"--batch_size must be >= 1; got {batch_size}")
+        fail(f"--batch_size must be >= 1; got {batch_size}")
     if num_fewshot is not None and num_fewshot < 0:
-        _fail(f"--num_fewshot must be >= 0; got {num_fewshot}")
+        fail(f"--num_fewshot must be >= 0; got {num_fewshot}")
     if route_on not in ROUTE_ON:
-        _fail(f"--route_on must be one of {', '.join(ROUTE_ON)}; got {route_on!r}")
+        fail(f"--route_on must be one of {', '.join(ROUTE_ON)}; got {route_on!r}")
     if output_path is not None and output_path.is_dir():
-        _fail(
+        fail(
             f"--output_path {output_path} is a folder; give a file name such as {output_path / 'eval.json'}"
         )
     if routers is not None and not routers.is_dir():
-        _fail(f"--routers {routers} is not a folder (expected router_config.json + routers.safetensors)")
+        fail(f"--routers {routers} is not a folder (expected router_config.json + routers.safetensors)")
 
     from routertune.evaluation import EvaluationError, build_task_manager, evaluate, resolve_tasks
     from routertune.tasks import OfflineDataError, olmo_datasets_root
@@ -100,7 +94,7 @@ def evaluate_command(
         if any(name.startswith(TASK_PREFIX) for name in resolved.values()):
             olmo_datasets_root()
     except (EvaluationError, OfflineDataError) as err:
-        _fail(str(err))
+        fail(str(err))
 
     from routertune import RouterLoadError, load_routers
     from routertune.loading import ModelResolutionError, load_model_and_tokenizer
@@ -108,12 +102,12 @@ def evaluate_command(
     try:
         lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
     except (ModelResolutionError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     if routers is not None:
         try:
             load_routers(lm, routers)
         except RouterLoadError as err:
-            _fail(str(err))
+            fail(str(err))
 
     try:
         results = evaluate(
@@ -128,7 +122,7 @@ def evaluate_command(
             route_on=route_on,
         )
     except (EvaluationError, OfflineDataError) as err:
-        _fail(str(err))
+        fail(str(err))
     results["model"] = lm.config._name_or_path
     results["routers_path"] = str(routers) if routers is not None else None
 
@@ -152,37 +146,16 @@ def format_table(results: dict[str, Any]) -> str:
         metric = primary_metric(name, entry)
         capacity = (entry.get("capacity") or {}).get("overall")
         lines.append(
-            f"{name:<16}{metric:<10}{_fmt(entry.get(metric)):>8}{_fmt(entry.get(f'{metric}_stderr')):>9}"
-            f"{entry.get('samples', ''):>9}{_fmt(capacity):>10}{entry.get('seconds', 0):>9.1f}"
+            f"{name:<16}{metric:<10}{fmt4(entry.get(metric)):>8}{fmt4(entry.get(f'{metric}_stderr')):>9}"
+            f"{entry.get('samples', ''):>9}{fmt4(capacity):>10}{entry.get('seconds', 0):>9.1f}"
         )
     for key in ("average", "paper_average"):
         avg = results.get(key)
         if avg and avg.get("value") is not None:
             lines.append(
-                f"{key:<16}{'mixed':<10}{_fmt(avg['value']):>8}   (acc only: {_fmt(avg.get('acc'))})"
+                f"{key:<16}{'mixed':<10}{fmt4(avg['value']):>8}   (acc only: {fmt4(avg.get('acc'))})"
             )
     capacity = results.get("capacity")
     if capacity is not None:
-        lines.append(f"routers kept {_fmt(capacity.get('overall'))} of routed units overall")
+        lines.append(f"routers kept {fmt4(capacity.get('overall'))} of routed units overall")
     return "\n".join(lines)
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
-
-
-def _check_limit(limit: float | None) -> int | float | None:
-    if limit is None:
-        return None
-    if not limit > 0:
-        _fail(f"--limit must be > 0; got {limit:g}")
-    if limit >= 1:
-        if not float(limit).is_integer():
-            _fail(f"--limit must be a whole number of documents (or a fraction below 1); got {limit:g}")
-        return int(limit)
-    return float(limit)
-
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(code=1)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import typer
 
-from routertune.loading import DEFAULT_MODEL
+from routertune.commands.common import device_option, dtype_option, fail, model_option
 
 
 def register(app: typer.Typer) -> None:
@@ -24,9 +24,7 @@ def register(app: typer.Typer) -> None:
 
 def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text (the user message with --chat)."),
-    model: str = typer.Option(
-        DEFAULT_MODEL, "--model", "-m", help="Local Hugging Face folder, built-in name, or hub id."
-    ),
+    model: str = model_option(),
     max_new_tokens: int = typer.Option(128, "--max_new_tokens", "--max-new-tokens", min=1, help="Most tokens to generate."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template."),
     routers: Path | None = typer.Option(
@@ -35,14 +33,12 @@ def generate(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="Sampling temperature; 0 = greedy."),
     top_p: float = typer.Option(1.0, "--top_p", "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (for sampling)."),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1...; default cuda when available."),
-    dtype: str | None = typer.Option(
-        None, "--dtype", help="float32, bf16 or fp16; default float32 on CPU, bf16 on CUDA."
-    ),
+    device: str | None = device_option(),
+    dtype: str | None = dtype_option(),
 ) -> None:
     """Generate text from a prompt, streaming tokens to stdout, with a speed / KV-cache summary on stderr."""
     if top_p <= 0.0:
-        _fail("--top_p must be in (0, 1]")
+        fail("--top_p must be in (0, 1]")
 
     import torch
     from transformers import TextStreamer, set_seed
@@ -54,13 +50,13 @@ def generate(
     try:
         lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
     except (ModelResolutionError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     if routers is not None:
         _warn_if_other_base(routers, lm.config._name_or_path)
         try:
             load_routers(lm, routers)
         except RouterLoadError as err:
-            _fail(str(err))
+            fail(str(err))
     if seed is not None:
         set_seed(seed)
 
@@ -102,7 +98,7 @@ def _encode(tokenizer: Any, prompt: str, chat: bool) -> Any:
     if not chat:
         return tokenizer(prompt, return_tensors="pt")
     if not getattr(tokenizer, "chat_template", None):
-        _fail("--chat: this model's tokenizer has no chat template; drop --chat to use the prompt as plain text")
+        fail("--chat: this model's tokenizer has no chat template; drop --chat to use the prompt as plain text")
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
@@ -130,8 +126,3 @@ def _now() -> float:
     import time
 
     return time.perf_counter()
-
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(code=1)

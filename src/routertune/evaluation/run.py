@@ -77,10 +77,10 @@ def evaluate(
     from routertune.routing.attach import get_router_config
     from routertune.routing.observe import track_capacity
 
-    _check_limit(limit)
+    check_limit(limit)
     task_limits = dict(task_limits or {})
     for value in task_limits.values():
-        _check_limit(value)
+        check_limit(value)
     _check_batch_size(batch_size)
     if num_fewshot is not None and (isinstance(num_fewshot, bool) or num_fewshot < 0):
         raise EvaluationError(f"num_fewshot must be >= 0; got {num_fewshot}")
@@ -167,7 +167,8 @@ class _maybe:
         return self._cm.__exit__(*exc) if self._cm is not None else None
 
 
-def _check_limit(limit: int | float | None) -> None:
+def check_limit(limit: int | float | None) -> None:
+    """Raises EvaluationError unless ``limit`` is None, a whole number of documents, or a fraction below 1."""
     if limit is None:
         return
     if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit):

@@ -33,6 +33,7 @@ from routertune.routing.layers import (
     SubLayerWrapper,
     strip_routing_kwargs,
 )
+from routertune.routing.probe import capture_layer_calls, probe_routed_layers
 from routertune.routing.router import Router
 
 _CONFIG_ATTR = "routertune_config"
@@ -78,8 +79,6 @@ def attach_routers(model: nn.Module, config: RouterConfig | None = None, probe: 
         UnsupportedArchitectureError: a family that cannot be routed exactly, named.
         RouterConfigError: the config asks for layers the model cannot route.
     """
-    from routertune.routing.probe import capture_layer_calls, probe_routed_layers
-
     config = config or RouterConfig()
     if get_router_config(model) is not None:
         raise RouterConfigError("this model already has routers; call detach_routers(model) first")
@@ -112,7 +111,7 @@ def attach_routers(model: nn.Module, config: RouterConfig | None = None, probe: 
     setattr(model, _HOOK_ATTR, handles)
     if calls is not None:
         try:
-            probe_routed_layers(model, calls)
+            probe_routed_layers(model, calls, {r.layer_idx: r for r in routings})
         except BaseException:
             detach_routers(model)
             raise

@@ -136,14 +136,15 @@ def capture_layer_calls(
     return calls
 
 
-def probe_routed_layers(model: nn.Module, calls: list[LayerCall]) -> None:
-    """Runs the wrapped layers on the recorded calls; raises if any differs from its reference."""
-    from routertune.routing.attach import routed_layers
+def probe_routed_layers(model: nn.Module, calls: list[LayerCall], routings: dict[int, Any]) -> None:
+    """Runs the wrapped layers on the recorded calls; raises if any differs from its reference.
 
+    Args:
+        routings: layer index -> its ``LayerRouting`` (whose decision the probe forces).
+    """
     layers = decoder_layers(model)
-    units = routed_layers(model)
     for call in calls:
-        layer, unit = layers[call.index], units[call.index]
+        layer, routing = layers[call.index], routings[call.index]
         ref_plain = call.outputs["plain"]
         cases = {
             "plain": (torch.ones_like(call.mixed_keep), "routers on (keep everything)", "the plain layer"),
@@ -158,7 +159,7 @@ def probe_routed_layers(model: nn.Module, calls: list[LayerCall]) -> None:
         layer.eval()
         try:
             for key, (keep, what, reference) in cases.items():
-                unit.routing.forced_keep = keep
+                routing.forced_keep = keep
                 try:
                     with torch.no_grad():
                         got = _first(layer(*call.args, **call.kwargs))
@@ -177,8 +178,8 @@ def probe_routed_layers(model: nn.Module, calls: list[LayerCall]) -> None:
                         model, layer, call.index, f"{what} differs from {reference} (max |diff| {diff})"
                     )
         finally:
-            unit.routing.forced_keep = None
-            unit.routing.decision = None
+            routing.forced_keep = None
+            routing.decision = None
             layer.train(was_training)
 
 

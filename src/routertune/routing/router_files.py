@@ -39,7 +39,7 @@ def save_routers(model: nn.Module, path: str | Path) -> Path:
     """
     from safetensors.torch import save_file
 
-    from routertune import __version__
+    from routertune.version import __version__
 
     config = require_config(model)
     layers = routed_layers(model)
