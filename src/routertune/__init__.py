@@ -5,7 +5,7 @@
 
 Where things live: ``routing/`` (the routing core), ``loading/`` (the model resolver),
 ``data/``, ``training/`` (``train.py`` is its entry point), ``evaluation/`` with ``tasks/``,
-``benchmark/`` (timing, FLOPs, tables), ``baselines.py``, ``calibrate.py``, ``analyze.py``,
+``benchmark/`` (timing, FLOPs, tables), ``baselines.py``, ``calibrate/`` (the calibration set, thresholds), ``analyze.py``,
 ``quickstart/`` (the main job as a recipe over these), and ``cli.py`` + ``commands/`` (one module
 per verb). Names are imported lazily so that ``routertune --help`` does not pay for importing
 torch.
