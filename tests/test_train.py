@@ -266,8 +266,8 @@ def test_failure_while_saving_leaves_no_final_output(tiny, tmp_path, monkeypatch
 
     real = trainer_module.write_artifacts
 
-    def fail_after_routers(trainer, folder, checkpoint):
-        real(trainer, folder, checkpoint)
+    def fail_after_routers(trainer, folder, trained, checkpoint):
+        real(trainer, folder, trained, checkpoint=checkpoint)
         if not checkpoint:
             raise OSError("disk full")
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from routertune.routing.arch import (
+    UnsupportedArchitectureError,
     arch_spec,
     base_model,
     decoder_layers,
@@ -61,7 +62,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # attach / detach
 # --------------------------------------------------------------------------------------------
-def attach_routers(model: nn.Module, config: RouterConfig | None = None, probe: bool = True) -> nn.Module:
+def attach_routers(model: nn.Module, config: RouterConfig | None = None, probe: bool | None = None) -> nn.Module:
     """Adds zero-initialised routers to ``model`` in place and returns it.
 
     The attention (and, for ``mlp_*`` / ``block_*``, the MLP) of every routed layer is wrapped
@@ -72,8 +73,10 @@ def attach_routers(model: nn.Module, config: RouterConfig | None = None, probe: 
         probe: run the attach-time check (:func:`routertune.routing.probe.probe_routed_layers`): each
             routed layer class must equal the plain layer with routers on, and the layer with
             the routed sub-layer's output zeroed when skipping; refuses the model otherwise.
-            A few milliseconds on small models (docs/design.md); turn it off only for models
-            that cannot run a forward where they are attached (e.g. meta-device weights).
+            A few milliseconds on small models (docs/design.md). None (default): probe when the
+            weights are in this process; a model whose weights are not (meta device, ZeRO-3
+            partitioned at load) is attached without the probe if its family is in the table
+            (:data:`routertune.routing.arch.ARCHITECTURES`, each tested exact), else refused.
 
     Raises:
         UnsupportedArchitectureError: a family that cannot be routed exactly, named.
@@ -97,6 +100,7 @@ def attach_routers(model: nn.Module, config: RouterConfig | None = None, probe: 
         indices = [i for i in indices if i not in anchors]
     if not indices:
         raise RouterConfigError(f"no layer to route in a model with {num_layers} layers (config: {config})")
+    probe = _should_probe(model, spec, probe)
     calls = capture_layer_calls(model, spec, indices, config.parts, config.unit) if probe else None
     hidden = model.config.hidden_size
     routings, handles = [], []
@@ -116,6 +120,28 @@ def attach_routers(model: nn.Module, config: RouterConfig | None = None, probe: 
             detach_routers(model)
             raise
     return model
+
+
+def weights_materialized(model: nn.Module) -> bool:
+    """False when some weights are not in this process: on the meta device, or partitioned by
+    DeepSpeed ZeRO-3 (``zero3_init_flag``: each process holds a slice, ``ds_tensor``)."""
+    return not any(p.is_meta or hasattr(p, "ds_tensor") for p in model.parameters())
+
+
+def _should_probe(model: nn.Module, spec, probe: bool | None) -> bool:
+    if probe is False:
+        return False
+    if weights_materialized(model):
+        return True
+    if probe is None and spec.known:
+        return False  # a family of the table: tested exact, no forward needed here
+    raise UnsupportedArchitectureError(
+        f"{type(decoder_layers(model)[0]).__name__} ({spec.name}) "
+        + ("is not in routertune's family table, and " if not spec.known else "")
+        + "the attach-time probe needs the model's weights, which are not in this process (meta device, "
+        "or partitioned by ZeRO-3 at load); attach routers to a loaded copy once to check the family "
+        "(e.g. one process without zero3_init_flag), then pass probe=False"
+    )
 
 
 def _wrap_layer(layer: nn.Module, idx: int, config: RouterConfig, spec, hidden: int) -> LayerRouting:

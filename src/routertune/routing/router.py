@@ -18,6 +18,18 @@ KEEP_ALL_THRESHOLD = 0.0
 SKIP_ALL_THRESHOLD = 2.0
 
 
+class Float32Linear(nn.Linear):
+    """A bias-free ``Linear`` that computes in float32 whatever its weight's dtype.
+
+    A module of its own (not ``F.linear`` on the weight inside ``Router.forward``) so that engines
+    that gather a module's parameters around its own forward, as DeepSpeed ZeRO-3 does, see the
+    router weight being used.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x.float(), self.weight.float())
+
+
 class Router(nn.Module):
     """Scores hidden states; higher means "compute this unit".
 
@@ -28,7 +40,7 @@ class Router(nn.Module):
 
     def __init__(self, hidden_size: int, threshold: float = 0.5) -> None:
         super().__init__()
-        self.proj = nn.Linear(hidden_size, 1, bias=False)
+        self.proj = Float32Linear(hidden_size, 1, bias=False)
         nn.init.zeros_(self.proj.weight)
         self.threshold = float(threshold)
 
@@ -41,8 +53,7 @@ class Router(nn.Module):
         Returns:
             ``(...)`` sigmoid scores.
         """
-        logits = nn.functional.linear(x.float(), self.proj.weight.float())
-        return torch.sigmoid(logits.squeeze(-1))
+        return torch.sigmoid(self.proj(x).squeeze(-1))
 
     @property
     def fixed_decision(self) -> bool | None:

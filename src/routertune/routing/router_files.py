@@ -10,6 +10,7 @@ from; loading refuses files that do not match the model, naming what differs.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +25,31 @@ from routertune.routing.config import RouterConfig, RouterConfigError
 CONFIG_NAME = "router_config.json"
 WEIGHTS_NAME = "routers.safetensors"
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "RouterLoadError", "load_routers", "read_router_files", "save_routers"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "RouterLoadError",
+    "copy_into_parameter",
+    "load_routers",
+    "read_router_files",
+    "save_routers",
+]
 
 
 class RouterLoadError(ValueError):
     """Saved routers are missing, corrupt, or do not match the model."""
 
 
-def save_routers(model: nn.Module, path: str | Path) -> Path:
+def save_routers(model: nn.Module, path: str | Path, weights: Mapping[int, torch.Tensor] | None = None) -> Path:
     """Writes ``router_config.json`` and ``routers.safetensors`` (routers only) into ``path``.
 
     Each file is written to a temporary name and renamed, so a crash leaves either the old file
     or the new one.
+
+    Args:
+        weights: layer index -> full router weight, for models whose parameters are sharded
+            across processes (gathered beforehand, see :mod:`routertune.training.sharding`);
+            default: read from the model.
     """
     from safetensors.torch import save_file
 
@@ -45,10 +59,18 @@ def save_routers(model: nn.Module, path: str | Path) -> Path:
     layers = routed_layers(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        f"layers.{i}.weight": layer.router.proj.weight.detach().float().cpu().contiguous()
-        for i, layer in layers.items()
-    }
+    if weights is None:
+        weights = {i: layer.router.proj.weight for i, layer in layers.items()}
+    if set(weights) != set(layers):
+        raise ValueError(f"router weights for layers {sorted(weights)}; the model routes {sorted(layers)}")
+    tensors = {f"layers.{i}.weight": weights[i].detach().float().cpu().contiguous() for i in sorted(layers)}
+    hidden = model.config.hidden_size
+    bad = [k for k, w in tensors.items() if tuple(w.shape) != (1, hidden)]
+    if bad:  # e.g. the empty placeholders of ZeRO-3-partitioned parameters, read without gathering
+        raise ValueError(
+            f"router weights {bad} are not (1, {hidden}) (got {tuple(tensors[bad[0]].shape)}): "
+            "parameters sharded across processes must be gathered first"
+        )
     meta = {
         "routertune_version": __version__,
         "router_config": config.to_dict(),
@@ -134,10 +156,33 @@ def load_routers(model: nn.Module, path: str | Path) -> nn.Module:
             )
         if not torch.isfinite(weight).all():
             raise RouterLoadError(f"router of layer {i} in {path} has non-finite weights")
-        with torch.no_grad():
-            layer.router.proj.weight.copy_(weight.to(layer.router.proj.weight))
+        copy_into_parameter(layer.router.proj.weight, weight)
         layer.router.threshold = config.threshold_for(i)
     if current is not None:
         current.threshold = config.threshold
         current.layer_thresholds = config.layer_thresholds
     return model
+
+
+def copy_into_parameter(param: nn.Parameter, value: torch.Tensor) -> None:
+    """``param[...] = value``, also when ``param`` is an FSDP2 ``DTensor`` (each process keeps its
+    shard of ``value``, which every process must hold in full; no communication).
+
+    Raises:
+        ValueError: a ZeRO-3-partitioned parameter (the engine loads those from its checkpoint).
+    """
+    if hasattr(param, "ds_tensor"):
+        raise ValueError("cannot write into a ZeRO-3-partitioned parameter outside DeepSpeed's checkpoint loading")
+    with torch.no_grad():
+        if hasattr(param, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(
+                value.to(dtype=param.dtype, device=param.device_mesh.device_type),
+                param.device_mesh,
+                param.placements,
+                src_data_rank=None,
+            )
+            param.copy_(value)
+        else:
+            param.copy_(value.to(param))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from routertune.training.arguments import TrainArgumentError, TrainConfig
+from routertune.training.sharding import check_supported, sharded_engine
 
 RESULTS_NAME = "train_results.json"
 
@@ -37,6 +38,11 @@ def run(config: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
 
     t = config.training
     started = time.time()
+    engine = sharded_engine(t)
+    try:
+        check_supported(engine, t.router_only)
+    except ValueError as exc:
+        raise TrainArgumentError(str(exc)) from None
     examples = load_examples(config.data)  # bad data fails here, before any weights load
     resume = resume_checkpoint(t)
     set_seed(t.seed)
@@ -92,7 +98,8 @@ def run(config: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
         "last_logged": trainer.last_logged,
         "resumed_from": resume,
     }
-    if eval_ds is not None and t.should_save:
+    # On sharded weights every forward gathers them from all processes: all of them evaluate.
+    if eval_ds is not None and (t.should_save or engine is not None):
         device = t.device
         batch = t.per_device_eval_batch_size
         results["validation"] = {

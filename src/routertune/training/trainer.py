@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from routertune.routing.attach import (
 )
 from routertune.routing.router_files import CONFIG_NAME, load_routers, save_routers
 from routertune.training.losses import distill_positions, distillation_kl
+from routertune.training.sharding import full_copies
 
 TRAINING_ARGS_NAME = "training_args.bin"
 
@@ -250,18 +252,33 @@ class RouterTrainer(Trainer):
 
     # ---- saving and resuming ------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if self.is_fsdp_enabled:
-            raise NotImplementedError("routertune train does not support FSDP; use DeepSpeed ZeRO-1/2 or DDP")
-        self._save(output_dir)
+        """Checkpoint content: routers, the LoRA adapter, and (full fine-tuning) all weights.
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Checkpoint content: routers, the LoRA adapter, and (full fine-tuning) all weights."""
+        Called on every process (the Trainer does): on sharded weights, gathering them is a
+        collective; the main process writes.
+        """
+        trained = self.trained_weights()
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        write_artifacts(self, Path(output_dir), checkpoint=True)
+        write_artifacts(self, Path(output_dir), trained, checkpoint=True)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        self.save_model(output_dir)
+
+    def trained_weights(self) -> TrainedWeights:
+        """Full copies of the router weights and the LoRA adapter, on every process (a
+        collective when the weights are sharded: call it on all of them)."""
+        layers = routed_layers(self.routed_model)
+        routers = [layer.router.proj.weight for layer in layers.values()]
+        adapter = [(n, p) for n, p in self.model.named_parameters() if "lora_" in n] if self.lora else []
+        copies = full_copies(routers + [p for _, p in adapter])
+        return TrainedWeights(
+            routers=dict(zip(layers, copies[: len(routers)], strict=True)),
+            adapter={n: c for (n, _), c in zip(adapter, copies[len(routers) :], strict=True)} if self.lora else None,
+        )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if not self.router_only:
@@ -278,12 +295,13 @@ class RouterTrainer(Trainer):
         whose config is present holds weights from the same run.
         """
         self.accelerator.wait_for_everyone()
+        trained = self.trained_weights()
         if self.args.should_save:
             output_dir = Path(output_dir)
             output_dir.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=".routertune-final-", dir=output_dir))
             try:
-                write_artifacts(self, staging, checkpoint=False)
+                write_artifacts(self, staging, trained, checkpoint=False)
                 for name, text in (extra_files or {}).items():
                     (staging / name).write_text(text)
                 names = sorted(p.name for p in staging.iterdir())
@@ -298,7 +316,16 @@ class RouterTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
 
-def write_artifacts(trainer: RouterTrainer, folder: Path, checkpoint: bool) -> None:
+@dataclass
+class TrainedWeights:
+    """Full copies of what training changed: layer -> router weight, and the LoRA adapter's
+    parameters by name (None without LoRA)."""
+
+    routers: dict[int, torch.Tensor]
+    adapter: dict[str, torch.Tensor] | None
+
+
+def write_artifacts(trainer: RouterTrainer, folder: Path, trained: TrainedWeights, checkpoint: bool) -> None:
     """Routers always; the LoRA adapter if trained; all weights for full fine-tuning.
 
     Full fine-tuning checkpoints keep the router weights inside ``model.safetensors`` too (so the
@@ -306,9 +333,9 @@ def write_artifacts(trainer: RouterTrainer, folder: Path, checkpoint: bool) -> N
     as a plain model and the routers load with ``load_routers``.
     """
     routed = trainer.routed_model
-    save_routers(routed, folder)
+    save_routers(routed, folder, weights=trained.routers)
     if trainer.lora:
-        trainer.model.save_pretrained(str(folder))
+        trainer.model.save_pretrained(str(folder), state_dict=trained.adapter)
         if not checkpoint:
             _rename_to_plain(routed, folder / "adapter_model.safetensors")
     if not trainer.router_only:
