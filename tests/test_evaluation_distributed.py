@@ -15,9 +15,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_evaluation import byte_tokenizer, random_routers, tiny_llama  # noqa: E402
-
 from routertune import save_routers  # noqa: E402
+from test_evaluation import byte_tokenizer, random_routers, tiny_llama  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
