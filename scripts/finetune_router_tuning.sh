@@ -9,9 +9,13 @@
 #
 # Every knob below can be edited here or overridden from the environment; arguments after the
 # script name are passed on to routertune.train (e.g. --bf16, --gradient_checkpointing,
-# --loss lm+distill, --use_lora). Launch config: ACCELERATE_CONFIG, else DeepSpeed ZeRO-1 on GPUs
-# (the seed's setup; plain DDP when deepspeed is not installed), else two CPU processes over gloo
-# when NUM_PROCESSES > 1 without a GPU, else a single plain process.
+# --loss lm+distill, --use_lora). Launch config: ACCELERATE_CONFIG (a file), else ENGINE:
+#   ENGINE=zero1 | zero2 | zero3 | fsdp2 | ddp   configs/accelerate/deepspeed_zero{1,2,3}.yaml,
+#                                                fsdp2.yaml (GPUs only: accelerate enables FSDP on
+#                                                GPUs), or plain DDP (multi_gpu / cpu_2proc.yaml)
+# default: ZeRO-1 on GPUs (the seed's setup; DDP when deepspeed is not installed), two CPU processes
+# over gloo when NUM_PROCESSES > 1 without a GPU, else a single plain process. ZeRO-3 and FSDP2
+# shard the frozen weights too (models that do not fit one device); docs/training.md compares them.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -99,8 +103,28 @@ echo "MODEL_NAME_OR_PATH=${MODEL_NAME_OR_PATH}" >&2
 echo "OUTPUT_DIR=${OUTPUT_DIR}" >&2
 echo "NUM_PROCESSES=${NUM_PROCESSES} GRADIENT_ACC_STEPS=${GRADIENT_ACC_STEPS}" >&2
 
+ENGINE="${ENGINE:-}"
 if [[ -n "${ACCELERATE_CONFIG:-}" ]]; then
   CONFIG_FILE="${ACCELERATE_CONFIG}"
+elif [[ -n "${ENGINE}" ]]; then
+  case "${ENGINE}" in
+    zero1|zero2|zero3) CONFIG_FILE="${ROOT_PATH}/configs/accelerate/deepspeed_${ENGINE}.yaml" ;;
+    fsdp2) CONFIG_FILE="${ROOT_PATH}/configs/accelerate/fsdp2.yaml" ;;
+    ddp) if [[ "${DETECTED_GPUS}" -gt 0 ]]; then
+           CONFIG_FILE="${ROOT_PATH}/configs/accelerate/multi_gpu.yaml"
+         else
+           CONFIG_FILE="${ROOT_PATH}/configs/accelerate/cpu_2proc.yaml"
+           TRAIN_ARGS+=(--use_cpu)
+         fi ;;
+    *) echo "ERROR: ENGINE=${ENGINE}: use zero1, zero2, zero3, fsdp2 or ddp" >&2; exit 2 ;;
+  esac
+  if [[ "${ENGINE}" == zero* && "${DETECTED_GPUS}" -eq 0 ]]; then
+    TRAIN_ARGS+=(--ddp_backend gloo)  # DeepSpeed on CPU processes
+  fi
+  if [[ "${ENGINE}" == fsdp2 && "${DETECTED_GPUS}" -eq 0 ]]; then
+    echo "ERROR: ENGINE=fsdp2 needs GPUs (accelerate enables FSDP only on GPU device types); use ENGINE=zero3 on CPU" >&2
+    exit 2
+  fi
 elif [[ "${DETECTED_GPUS}" -gt 0 ]]; then
   if "${PYTHON}" -c "import deepspeed" >/dev/null 2>&1; then
     CONFIG_FILE="${ROOT_PATH}/configs/accelerate/deepspeed_zero1.yaml"

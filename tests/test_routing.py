@@ -247,6 +247,32 @@ def test_unsupported_architecture_names_the_layer_class():
         assert torch.equal(model(ids).logits, ref)
 
 
+def test_weights_not_in_the_process_attach_without_probe_for_table_families_only():
+    """A model built on the meta device (as big models are before their weights load, or
+    partitioned by ZeRO-3 at load) cannot run the probe: a family of the table is attached
+    without it, on its layers' device; another family is refused by name and left as it was."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from routertune import UnsupportedArchitectureError
+    from routertune.routing.attach import weights_materialized
+
+    with torch.device("meta"):
+        model = tiny_model("llama")
+    assert not weights_materialized(model)
+    attach_routers(model, RouterConfig(router_layers=2))
+    assert sorted(routed_layers(model)) == [1, 2]
+    assert all(p.is_meta for p in router_parameters(model))
+    with pytest.raises(UnsupportedArchitectureError, match="needs the model's weights"):
+        detach_routers(model)
+        attach_routers(model, RouterConfig(router_layers=2), probe=True)
+    with torch.device("meta"):
+        other = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=4, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedArchitectureError, match="GPT2Block .*not in routertune's family table"):
+        attach_routers(other, RouterConfig(router_layers=2))
+    assert get_router_config(other) is None
+    assert weights_materialized(tiny_model("llama"))
+
+
 def test_generic_layer_with_the_four_parts_is_routed():
     """A Llama-shaped model of an unknown model_type is handled by the generic path."""
     model = tiny_model("llama")

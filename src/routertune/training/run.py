@@ -97,6 +97,9 @@ def run(config: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
         "train_metrics": train_output.metrics,
         "last_logged": trainer.last_logged,
         "resumed_from": resume,
+        "engine": engine,
+        "processes": t.world_size,
+        "peak_memory_bytes_per_process": _peak_memory_per_process(trainer),
     }
     # On sharded weights every forward gathers them from all processes: all of them evaluate.
     if eval_ds is not None and (t.should_save or engine is not None):
@@ -251,6 +254,24 @@ def summary(results: dict[str, Any], output_dir: str) -> str:
             f"{val['routed']['capacity']['overall']:.3f}"
         )
     return "\n".join(lines)
+
+
+def _peak_memory_per_process(trainer: Any) -> list[int]:
+    """Each process's peak memory in bytes, gathered from all of them (call on every process):
+    the allocator's peak on a GPU, the resident set's high-water mark on the CPU."""
+    import resource
+
+    import torch
+
+    device = trainer.accelerator.device
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    if trainer.accelerator.num_processes == 1:
+        return [int(peak)]
+    gathered = trainer.accelerator.gather(torch.tensor([peak], dtype=torch.long, device=device))
+    return [int(v) for v in gathered.cpu().tolist()]
 
 
 def _count_parameters(model) -> tuple[int, int]:
