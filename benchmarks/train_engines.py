@@ -9,7 +9,8 @@ steps is the reference the routers are compared with. Every run is its own `acce
 (an engine cannot be switched inside one process), one after the other, so the step times carry
 the machine's drift between runs: read them as rough, the memory as exact. Peak memory is each
 process's resident-set high-water mark (VmHWM: the frozen weights, the routers, activations, the
-Python and torch runtime), as routertune train records it in train_results.json.
+Python and torch runtime) and the parameter storage it holds (its ZeRO-3 partition, else whole
+parameters), as routertune train records them in train_results.json.
 
 Results: benchmarks/results/train_engines.{json,md}.
 """
@@ -84,6 +85,7 @@ def main() -> None:
         runs[engine] = {
             "processes": r["processes"],
             "peak_memory_mib_per_process": [round(b / 2**20, 1) for b in r["peak_memory_bytes_per_process"]],
+            "parameter_mib_per_process": [round(b / 2**20, 1) for b in r["parameter_bytes_per_process"]],
             "train_runtime_s": r["train_metrics"]["train_runtime"],
             "s_per_step": r["train_metrics"]["train_runtime"] / r["steps"],
             "launch_to_exit_s": round(r["wall_s"], 1),
@@ -105,12 +107,14 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_engines.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
-        "| engine | processes | peak MiB per process | s / step | train loss | routers vs one process |",
-        "|---|---:|---|---:|---:|---:|",
+        "| engine | processes | parameters held, MiB per process | peak RSS, MiB per process | s / step "
+        "| train loss | routers vs one process |",
+        "|---|---:|---|---|---:|---:|---:|",
     ]
     for name, run in runs.items():
         lines.append(
-            f"| {name} | {run['processes']} | {' / '.join(map(str, run['peak_memory_mib_per_process']))} "
+            f"| {name} | {run['processes']} | {' / '.join(map(str, run['parameter_mib_per_process']))} "
+            f"| {' / '.join(map(str, run['peak_memory_mib_per_process']))} "
             f"| {run['s_per_step']:.2f} | {run['train_loss']:.4f} | {run['router_max_abs_diff_vs_single']:.1e} |"
         )
     (RESULTS / "train_engines.md").write_text("\n".join(lines) + "\n")

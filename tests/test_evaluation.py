@@ -365,6 +365,24 @@ def test_cli_writes_results_json_and_prints_a_table(model_dir, tokenizer, tmp_pa
     assert not list(out.parent.glob(".*.tmp")), "the JSON is written through a temporary file"
 
 
+def test_cli_device_map_places_the_model_and_its_routers(model_dir, tokenizer, tmp_path):
+    """--device_map (transformers' placement, for models too big for one device) evaluates the
+    same as one device: here every layer lands on the CPU, routers beside their layers."""
+    model = tiny_llama(len(tokenizer))
+    random_routers(model, "attn_sequence")
+    routers = save_routers(model, tmp_path / "routers")
+    results = {}
+    for name, extra in (("device", ["--device", "cpu"]), ("device_map", ["--device_map", "auto"])):
+        out = tmp_path / f"{name}.json"
+        common = ["--model", str(model_dir), "--routers", str(routers), "--tasks", "rte", "--limit", "3"]
+        result = run_cli(*common, "--output_path", str(out), *extra)
+        assert result.exit_code == 0, result.output
+        results[name] = json.loads(out.read_text())
+    assert results["device_map"]["tasks"]["rte"]["acc"] == results["device"]["tasks"]["rte"]["acc"]
+    assert results["device_map"]["capacity"] == results["device"]["capacity"]
+    assert "not both" in run_cli("--model", str(model_dir), "--tasks", "rte", "--device", "cpu", "--device_map", "auto").output
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -13,6 +13,7 @@ import torch
 from routertune import GRANULARITIES, RouterConfig, attach_routers, load_routers, save_routers
 from routertune.kv_cache import kv_cache_layer_lengths
 from routertune.routing.attach import routed_layers, router_parameters, set_thresholds
+from routertune.routing.observe import router_probabilities, track_capacity
 
 from helpers import (
     FAMILIES,
@@ -95,7 +96,7 @@ def test_cached_generation_equals_uncached(family, granularity):
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_static_cache_equals_dynamic_cache(family, granularity):
-    """Batch 1 (left-padded batches on a static cache are the fast-paths issue's)."""
+    """Batch 1; left-padded batches below."""
     model = tiny_model(family)
     attach_routers(model, RouterConfig(granularity=granularity, router_layers=2))
     randomize_routers(model, seed=10)
@@ -158,3 +159,37 @@ def test_save_load_round_trip(family, granularity, tmp_path):
     fresh = load_routers(tiny_model(family), tmp_path / "routers")
     with torch.no_grad():
         assert torch.equal(fresh(ids, attention_mask=mask).logits, before)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_static_cache_equals_dynamic_cache_on_left_padded_batches(family, granularity):
+    """generate() builds a 4-D mask itself on a static cache; the padding it holds still reaches
+    the routers, so each row is routed as on the dynamic cache (rows decide differently)."""
+    model = tiny_model(family)
+    attach_routers(model, RouterConfig(granularity=granularity, router_layers=2))
+    randomize_routers(model, seed=12)
+    ids, mask, _ = left_padded_batch([5, 9, 7], seed=13)
+    with router_probabilities(model) as scores, torch.no_grad():
+        model(ids, attention_mask=mask)
+    # each layer's threshold halfway between two of its scores: some units kept, some skipped
+    middle = {i: float(s.sort().values[len(s) // 2 - 1 : len(s) // 2 + 1].mean()) for i, s in scores.per_layer().items()}
+    set_thresholds(model, middle)
+    with track_capacity(model) as dynamic_stats:
+        dynamic = greedy(model, ids, mask, n=5)
+    with track_capacity(model) as static_stats:
+        static = greedy(model, ids, mask, n=5, cache_implementation="static")
+    assert static_stats.counts == dynamic_stats.counts
+    assert all(0 < k < t for k, t in dynamic_stats.counts.values())  # rows / tokens decide differently
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), rtol=1e-5, atol=1e-5)
+
+
+def test_static_cache_allocates_no_kv_for_a_layer_the_whole_batch_skips(family):
+    model = tiny_model(family)
+    attach_routers(model, RouterConfig(granularity="attn_sequence", router_layers=3))
+    skipped, *kept = sorted(routed_layers(model))
+    set_thresholds(model, {skipped: 2.0, **{i: 0.0 for i in kept}})
+    ids, mask, _ = left_padded_batch([5, 9, 7], seed=14)
+    cache = greedy(model, ids, mask, n=3, cache_implementation="static").cache
+    assert getattr(cache.layers[skipped], "keys", None) is None  # its buffer was never allocated
+    assert all(getattr(cache.layers[i], "keys", None) is not None for i in kept)

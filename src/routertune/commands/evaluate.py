@@ -70,6 +70,13 @@ def evaluate_command(
     ),
     device: str | None = device_option(),
     dtype: str | None = dtype_option(),
+    device_map: str | None = typer.Option(
+        None,
+        "--device_map",
+        "--device-map",
+        help="Spread a model too big for one device over several ('auto', transformers' placement); "
+        "routers go to their layer's device. Not with --device.",
+    ),
 ) -> None:
     """Evaluate a model (optionally with routers) with lm-eval; print a table, optionally save JSON."""
     limit_value = checked_limit(limit)
@@ -100,14 +107,16 @@ def evaluate_command(
     from routertune import RouterLoadError, load_routers
     from routertune.loading import ModelResolutionError, load_model_and_tokenizer
 
-    if device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if device is None and device_map is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # launched as one of several processes (accelerate launch): one GPU each, when there are GPUs
         from routertune.loading import default_device
 
         if default_device() == "cuda":
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if device_map is not None and device is not None:
+        fail("give --device or --device_map, not both")
     try:
-        lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
+        lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device, device_map=device_map)
     except (ModelResolutionError, ValueError) as err:
         fail(str(err))
     if routers is not None:

@@ -55,6 +55,7 @@ def load_model_and_tokenizer(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     *,
+    device_map: str | dict | None = None,
     builtins: Mapping[str, BuiltinModel] | None = None,
     cache: str | os.PathLike[str] | None = None,
     progress: bool = True,
@@ -75,6 +76,9 @@ def load_model_and_tokenizer(
         name_or_path: a local folder, a built-in name or a hub id (see ``resolve_model``).
         dtype: ``torch.dtype`` or a name (``float32``, ``bf16``, ``fp16``); None = default above.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; None = CUDA when available, else CPU.
+        device_map: instead of one device, transformers' placement of a model too big for one
+            (``"auto"``, or ``{module name: device}``): weights load straight onto their
+            devices; routers attached later go to the device of their layer. Not with ``device``.
         builtins, cache, progress: as for ``resolve_model``.
 
     Returns:
@@ -83,6 +87,8 @@ def load_model_and_tokenizer(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if device_map is not None and device is not None:
+        raise ValueError("give device or device_map, not both")
     resolved = resolve(name_or_path, builtins=builtins, cache=cache, progress=progress)
     device = torch.device(device if device is not None else default_device())
     torch_dtype = parse_dtype(dtype)
@@ -95,8 +101,9 @@ def load_model_and_tokenizer(
     tokenizer.padding_side = "left"
 
     with hf_progress(progress):
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch_dtype)
-    model.to(device)
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch_dtype, device_map=device_map)
+    if device_map is None:
+        model.to(device)
     model.eval()
     model.config._name_or_path = resolved.name
     generation_config = getattr(model, "generation_config", None)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from routertune.routing.arch import (
+    CACHE_KWARGS,
     UnsupportedArchitectureError,
     arch_spec,
     base_model,
@@ -207,6 +208,10 @@ def _pass_token_mask(
     mask = kwargs.get("attention_mask")
     if mask is None and len(args) > 1:
         mask = args[1]
+    if isinstance(mask, dict):  # one 4-D mask per attention type (full, sliding): same padding
+        mask = next((m for m in mask.values() if isinstance(m, torch.Tensor)), None)
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        mask = _padding_of_4d_mask(mask, args, kwargs)
     sent = isinstance(mask, torch.Tensor) and mask.dim() == 2
     if sent:
         kwargs[TOKEN_MASK_KWARG] = mask
@@ -218,6 +223,29 @@ def _pass_token_mask(
             raise ValueError(f"{ROUTING_MASK_ARG} must be a 2-D (batch, tokens) tensor")
         kwargs[ROUTING_MASK_KWARG] = routing
     return args, kwargs
+
+
+def _padding_of_4d_mask(mask: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The (B, T) padding mask of the current tokens, read back from a 4-D attention mask.
+
+    generate() on a static cache builds the (B, 1, T, S) mask itself and passes no 2-D one. A
+    padding key is masked for every query while a real token is visible at least to itself, so
+    a key slot is real iff some query may attend it; the current tokens fill the slots after the
+    ones the cache already holds. None when the input length cannot be read.
+    """
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    if not isinstance(ids, torch.Tensor):
+        return None
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    slots = allowed.any(dim=2).any(dim=1)  # (B, S)
+    cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+    past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+    length = ids.shape[1]
+    if past + length > slots.shape[1]:
+        return None
+    return slots[:, past : past + length].long()
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from routertune.training.arguments import TrainArgumentError, TrainConfig
-from routertune.training.sharding import check_supported, sharded_engine
+from routertune.training.sharding import check_supported, local_parameter_bytes, sharded_engine
 
 RESULTS_NAME = "train_results.json"
 
@@ -99,7 +99,8 @@ def run(config: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
         "resumed_from": resume,
         "engine": engine,
         "processes": t.world_size,
-        "peak_memory_bytes_per_process": _peak_memory_per_process(trainer),
+        "peak_memory_bytes_per_process": _gathered(trainer, _peak_memory(trainer)),
+        "parameter_bytes_per_process": _gathered(trainer, local_parameter_bytes(trainer.model)),
     }
     # On sharded weights every forward gathers them from all processes: all of them evaluate.
     if eval_ds is not None and (t.should_save or engine is not None):
@@ -256,22 +257,27 @@ def summary(results: dict[str, Any], output_dir: str) -> str:
     return "\n".join(lines)
 
 
-def _peak_memory_per_process(trainer: Any) -> list[int]:
-    """Each process's peak memory in bytes, gathered from all of them (call on every process):
-    the allocator's peak on a GPU, the resident set's high-water mark on the CPU."""
+def _peak_memory(trainer: Any) -> int:
+    """This process's peak memory in bytes: the allocator's peak on a GPU, the resident set's
+    high-water mark on the CPU."""
     import resource
 
     import torch
 
     device = trainer.accelerator.device
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _gathered(trainer: Any, value: int) -> list[int]:
+    """``value`` of every process, in rank order (call on every process)."""
+    import torch
+
     if trainer.accelerator.num_processes == 1:
-        return [int(peak)]
-    gathered = trainer.accelerator.gather(torch.tensor([peak], dtype=torch.long, device=device))
-    return [int(v) for v in gathered.cpu().tolist()]
+        return [int(value)]
+    local = torch.tensor([value], dtype=torch.long, device=trainer.accelerator.device)
+    return [int(v) for v in trainer.accelerator.gather(local).cpu().tolist()]
 
 
 def _count_parameters(model) -> tuple[int, int]:

@@ -73,3 +73,18 @@ def full_copies(params: list[nn.Parameter]) -> list[torch.Tensor]:
             value = value.full_tensor()
         out.append(value.cpu().clone())
     return out
+
+
+def local_parameter_bytes(model: nn.Module) -> int:
+    """Bytes of parameter storage this process holds: its ZeRO-3 partition (``ds_tensor``) or
+    FSDP2 shard (the DTensor's local tensor) of each parameter, else the whole parameter."""
+    total = 0
+    for p in {id(q): q for q in model.parameters()}.values():
+        if hasattr(p, "ds_tensor"):
+            held = p.ds_tensor
+        elif hasattr(p, "to_local"):
+            held = p.to_local()
+        else:
+            held = p
+        total += held.numel() * held.element_size()
+    return total
