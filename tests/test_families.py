@@ -193,3 +193,28 @@ def test_static_cache_allocates_no_kv_for_a_layer_the_whole_batch_skips(family):
     cache = greedy(model, ids, mask, n=3, cache_implementation="static").cache
     assert getattr(cache.layers[skipped], "keys", None) is None  # its buffer was never allocated
     assert all(getattr(cache.layers[i], "keys", None) is not None for i in kept)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_bfloat16_routers_on_gated_training_and_skipping(family, granularity):
+    """In bf16: routers on equal the plain bf16 model bitwise, in eval mode and through the
+    training gate (a hard 1 stays exactly 1 in bf16), and skipping equals the bf16 model with
+    those sub-layers removed (measured bitwise; tested to bf16's resolution)."""
+    plain = tiny_model(family).to(torch.bfloat16)
+    model = copy.deepcopy(plain)
+    cfg = RouterConfig(granularity=granularity, router_layers=2)
+    attach_routers(model, cfg)
+    ids, mask, _ = left_padded_batch([9, 6], seed=15)
+    valid = mask.bool()
+    with torch.no_grad():
+        want = plain(ids, attention_mask=mask).logits[valid]
+        assert torch.equal(model(ids, attention_mask=mask).logits[valid], want)
+    model.train()
+    set_thresholds(model, 0.3)  # fresh routers score 0.5: every unit kept, through the gate
+    assert torch.equal(model(ids, attention_mask=mask).logits.detach()[valid], want)
+    model.eval()
+    set_thresholds(model, 2.0)
+    ref = without_sublayers(plain, sorted(routed_layers(model)), cfg.target)
+    with torch.no_grad():
+        got, skipped = model(ids, attention_mask=mask).logits[valid], ref(ids, attention_mask=mask).logits[valid]
+    torch.testing.assert_close(got.float(), skipped.float(), rtol=1e-2, atol=1e-2)
