@@ -220,3 +220,12 @@ def hand_route(model, plain, granularity, ids, mask=None, median=False):
     if median:
         set_thresholds(model, thresholds)
     return logits, decisions
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback address now (for a launched process group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +17,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from routertune import save_routers  # noqa: E402
 from test_evaluation import byte_tokenizer, random_routers, tiny_llama  # noqa: E402
 
+from helpers import free_port  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.distributed

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,58 +26,9 @@ from train_fixtures import save_tiny_model, write_chat_jsonl  # noqa: E402
 from routertune import load_routers  # noqa: E402
 from routertune.routing.attach import router_parameters  # noqa: E402
 
+from helpers import free_port  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.distributed
-def test_two_cpu_processes_train_routers(tmp_path):
-    model_dir = save_tiny_model(tmp_path / "model")
-    data = write_chat_jsonl(tmp_path / "data.jsonl", 48)
-    out = tmp_path / "out"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"),
-        "--main_process_port", str(free_port()),
-        "-m", "routertune.train",
-        "--use_cpu",
-        "--model_name_or_path", str(model_dir),
-        "--train_file", str(data),
-        "--output_dir", str(out),
-        "--router_layers", "3",
-        "--per_device_train_batch_size", "4",
-        "--max_steps", "3",
-        "--learning_rate", "1e-2",
-        "--target_capacity", "0.5",
-        "--gradient_scale", "0.1",
-        "--loss", "lm+distill",
-        "--logging_steps", "1",
-        "--disable_tqdm", "True",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    results = json.loads((out / "train_results.json").read_text())
-    assert results["global_batch_size"] == 8  # 2 processes x 4
-    assert results["steps"] == 3
-    assert "capacity_loss" in results["last_logged"] and "distill_loss" in results["last_logged"]
-    weights = load_file(str(out / "routers.safetensors"))
-    assert all(w.abs().sum() > 0 for w in weights.values())
-
-    from routertune.loading import load_model_and_tokenizer
-
-    model, _ = load_model_and_tokenizer(model_dir, device="cpu", progress=False)
-    load_routers(model, out)
-    assert [int(k.split(".")[1]) for k in sorted(weights)] == [2, 3, 4]
-    assert all(p.abs().sum() > 0 for p in router_parameters(model))
-    for p, key in zip(router_parameters(model), sorted(weights), strict=True):
-        torch.testing.assert_close(p.detach(), weights[key])
 
 
 def _deepspeed_python() -> str | None:
@@ -159,6 +109,28 @@ def _folder_digest(folder: Path) -> dict[str, str]:
 def single_run(workload, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "out"
     return _train("single", workload, out), load_file(str(out / "routers.safetensors"))
+
+
+@pytest.mark.distributed
+def test_two_cpu_processes_train_routers(workload, tmp_path):
+    """DDP with LM + distillation + regulariser: every loss term logged, routers saved and loadable."""
+    model_dir, _ = workload
+    out = tmp_path / "out"
+    results = _train("ddp", workload, out, "--loss", "lm+distill")
+    assert results["global_batch_size"] == 8  # 2 processes x 4
+    assert results["steps"] == 3
+    assert "capacity_loss" in results["last_logged"] and "distill_loss" in results["last_logged"]
+    weights = load_file(str(out / "routers.safetensors"))
+    assert all(w.abs().sum() > 0 for w in weights.values())
+
+    from routertune.loading import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(model_dir, device="cpu", progress=False)
+    load_routers(model, out)
+    assert [int(k.split(".")[1]) for k in sorted(weights)] == [2, 3, 4]
+    assert all(p.abs().sum() > 0 for p in router_parameters(model))
+    for p, key in zip(router_parameters(model), sorted(weights), strict=True):
+        torch.testing.assert_close(p.detach(), weights[key])
 
 
 @pytest.mark.distributed
