@@ -7,7 +7,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
 TESTS=("$@"); [ ${#TESTS[@]} -gt 0 ] || TESTS=(tests/test_exactness.py)
-mutate() {  # name, file, text, replacement
+mutate() {  # name, file, text, replacement [, pytest args instead of the default ones]
+  local tests=("${TESTS[@]}"); [ $# -gt 4 ] && tests=("${@:5}")
   local backup; backup=$(mktemp)
   cp "$2" "$backup"
   "$PY" - "$2" "$3" "$4" <<'PY' || { cp "$backup" "$2"; echo "$1: text not found in $2"; return; }
@@ -18,7 +19,7 @@ if old not in text:
     sys.exit(1)
 open(path, "w").write(text.replace(old, new))
 PY
-  local result; result=$(OMP_NUM_THREADS=1 "$PY" -m pytest -q -p no:warnings -p no:cacheprovider "${TESTS[@]}" 2>&1 | tail -1)
+  local result; result=$(OMP_NUM_THREADS=1 "$PY" -m pytest -q -p no:warnings -p no:cacheprovider "${tests[@]}" 2>&1 | tail -1)
   cp "$backup" "$2"; rm -f "$backup"
   echo "$1: $result"
 }
@@ -27,5 +28,10 @@ mutate "sequence mean ignores padding" src/routertune/routing/layers.py "masked_
 # The previous code placed unmasked kept queries at `order + (S - T)`; the current code follows the
 # kernel's own rule for an omitted mask. The same bug class, two ways:
 mutate "kept queries of a one-token step masked as a chunk" src/routertune/routing/token_attention.py "        if T > 1:" "        if True:"
-mutate "kept queries placed after the key slots" src/routertune/routing/token_attention.py "<= order.view(B, 1, max_kept, 1)" "<= (order + (S - T)).view(B, 1, max_kept, 1)"
+mutate "kept queries placed after the key slots" src/routertune/routing/token_attention.py "<= order.view(B, 1, max_kept, 1)" "<= (order + (S - T)).view(B, 1, max_kept, 1)" \
+  tests/test_families.py -k test_static_cache_equals_dynamic_cache
 mutate "cache batch ops not mirrored" src/routertune/routing/routes.py "        _mirror_batch_ops(cache, store)" "        pass"
+# Issue 11: a static cache's 4-D mask must still hand the padding to the routers.
+mutate "padding of a static cache's 4-D mask ignored" src/routertune/routing/attach.py \
+  "        mask = _padding_of_4d_mask(mask, args, kwargs)" "        pass" \
+  tests/test_families.py -k left_padded
