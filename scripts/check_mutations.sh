@@ -35,3 +35,7 @@ mutate "cache batch ops not mirrored" src/routertune/routing/routes.py "        
 mutate "padding of a static cache's 4-D mask ignored" src/routertune/routing/attach.py \
   "        mask = _padding_of_4d_mask(mask, args, kwargs)" "        pass" \
   tests/test_families.py -k left_padded
+# Issue 11: a threshold that fixes the decision must not read it back from the device.
+mutate "fixed sequence decision read back from the device" src/routertune/routing/routes.py \
+  "        n_kept = (batch if fixed else 0) if fixed is not None else int(keep.sum())" "        n_kept = int(keep.sum())" \
+  tests/test_routing.py -k host_read

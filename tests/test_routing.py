@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import pytest
 import torch
 
@@ -378,3 +381,57 @@ def test_routing_mask_decides_sequences_on_the_chosen_tokens():
     torch.testing.assert_close(plain, ones, rtol=0, atol=0)
     with pytest.raises(ValueError, match="routing_mask must be a 2-D"):
         model(ids, attention_mask=mask, routing_mask=torch.ones(9))
+
+
+@contextlib.contextmanager
+def host_reads():
+    """Counts the calls that read a tensor back to the host (a device sync on a GPU)."""
+    counts = {"n": 0}
+    names = ["tolist", "item", "__int__", "__bool__", "__float__", "nonzero"]
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def counting(name):
+        def method(self, *args, **kwargs):
+            counts["n"] += 1
+            return saved[name](self, *args, **kwargs)
+
+        return method
+
+    for n in names:
+        setattr(torch.Tensor, n, counting(n))
+    try:
+        yield counts
+    finally:
+        for n in names:
+            setattr(torch.Tensor, n, saved[n])
+
+
+def _prefill_and_decode(model, ids, mask):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, cache=cache, use_cache=True)
+        step = out.logits[:, -1:].argmax(-1)
+        model(step, attention_mask=torch.cat([mask, torch.ones_like(step)], 1), cache=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_thresholds_that_fix_the_decision_add_no_host_read(granularity):
+    """Threshold 0 (keep all) and above 1 (skip all) decide on the host: a routed prefill and
+    decode step read back exactly as many tensors as the plain model's; a scored threshold adds
+    reads (the decisions' counts), which this check would see."""
+    plain = tiny_model("llama")
+    ids, mask, _ = left_padded_batch([5, 9, 7], seed=16)
+    with host_reads() as base:
+        _prefill_and_decode(plain, ids, mask)
+    counts = {}
+    for threshold in (0.0, 2.0, 0.5):
+        model = copy.deepcopy(plain)
+        attach_routers(model, RouterConfig(granularity=granularity, router_layers=2))
+        set_thresholds(model, threshold)
+        with host_reads() as reads:
+            _prefill_and_decode(model, ids, mask)
+        counts[threshold] = reads["n"]
+    assert counts[0.0] == counts[2.0] == base["n"]
+    assert counts[0.5] > base["n"]

@@ -55,11 +55,13 @@ class Decision:
     (training) is set.
     """
 
-    def __init__(self, route: SequenceRoute | None = None, keep=None, gate=None) -> None:
+    def __init__(self, route: SequenceRoute | None = None, keep=None, gate=None, fixed: bool | None = None) -> None:
         self.route = route
         self.keep = keep  # (B, T) bool
         self.gate = gate  # (B, 1, 1) or (B, T, 1) straight-through gate
-        if keep is not None:
+        if keep is not None and fixed is not None:  # a threshold fixed it: known without a host read
+            self.max_kept, self.all_kept = (keep.shape[1] if fixed else 0), fixed
+        elif keep is not None:
             # one host read for both counts
             self.max_kept, n_kept = (int(v) for v in torch.stack([keep.sum(1).max(), keep.sum()]).tolist())
             self.all_kept = n_kept == keep.numel()
@@ -173,7 +175,7 @@ class RoutedAttention(SubLayerWrapper):
         elif r.unit == "sequence":
             r.decision = Decision(route=self._sequence_route(hidden, decide_on, cache))
         else:
-            r.decision = Decision(keep=self._fixed_or_scored(hidden, decide_on, (B, T)))
+            r.decision = Decision(keep=self._fixed_or_scored(hidden, decide_on, (B, T)), fixed=self._fixed())
         if not self.routes:
             return self.base_layer(*args, **kwargs)
         return self._run(r.decision, hidden, cache, args, kwargs)
@@ -192,11 +194,15 @@ class RoutedAttention(SubLayerWrapper):
             keep = keep & valid  # padding tokens never need computing
         return keep
 
+    def _fixed(self) -> bool | None:
+        """True / False when the threshold fixes every unit's decision (<= 0 keeps, > 1 skips)."""
+        return self.router.fixed_decision if self.routing.forced_keep is None else None
+
     def _fixed_or_scored(self, x, valid, shape) -> torch.Tensor:
-        """The decision, without scoring where the threshold fixes it (<= 0 keeps, > 1 skips)."""
+        """The decision, without scoring where the threshold fixes it."""
         r = self.routing
         keep = None
-        fixed = self.router.fixed_decision if r.forced_keep is None else None
+        fixed = self._fixed()
         if fixed is not None:
             keep = torch.full(shape, fixed, dtype=torch.bool, device=x.device)
         if keep is None or r.observers:
@@ -210,7 +216,7 @@ class RoutedAttention(SubLayerWrapper):
         idx = self.routing.layer_idx
         if store is not None and idx in store:
             return store[idx]  # decided at prefill; reused for every decode step
-        route = SequenceRoute.from_keep(self._fixed_or_scored(x, valid, (x.shape[0],)))
+        route = SequenceRoute.from_keep(self._fixed_or_scored(x, valid, (x.shape[0],)), fixed=self._fixed())
         if store is not None:
             store[idx] = route
         return route

@@ -30,9 +30,11 @@ class SequenceRoute:
     none_kept: bool
 
     @classmethod
-    def from_keep(cls, keep: torch.Tensor) -> SequenceRoute:
-        n_kept = int(keep.sum())
+    def from_keep(cls, keep: torch.Tensor, fixed: bool | None = None) -> SequenceRoute:
+        """The route of ``keep``; ``fixed`` (every row kept / skipped, known on the host) spares
+        the device sync."""
         batch = keep.shape[0]
+        n_kept = (batch if fixed else 0) if fixed is not None else int(keep.sum())
         mixed = 0 < n_kept < batch
         rows = keep.nonzero().squeeze(1) if mixed else None
         return cls(keep=keep, kept_rows=rows, all_kept=n_kept == batch, none_kept=n_kept == 0)
