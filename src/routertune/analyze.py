@@ -98,6 +98,8 @@ def analyze_routing(
         results = evaluate(
             model, tokenizer, task_list, limit=limit, include_path=include_path, batch_size=batch_size
         )
+        if results is None:  # launched as several processes: lm-eval gathered on the main one
+            raise AnalysisError("routertune analyze runs in one process (data-parallel: routertune eval)")
         for name, entry in results["tasks"].items():
             column = _column(entry["capacity"] or {}, layers)
             metric = primary_metric(name, entry)
