@@ -89,7 +89,8 @@ def _bench_cell(model, ids, settings: BenchSettings, shape: ModelShape, granular
     probe = timed_generation(model, ids, n, observe=True)
     cap_prefill = _capacities(probe.capacity_prefill)
     # Sequence routes are decided at prefill and reused by every decode step.
-    cap_decode = _capacities(probe.capacity_decode) if granularity.endswith("token") else cap_prefill
+    decode_stats = probe.capacity_decode if granularity.endswith("token") else probe.capacity_prefill
+    cap_decode = _capacities(decode_stats)
     deleted, oracle_reason = _oracle_layers(cap_prefill, cap_decode)
     names = [v for v in settings.variants if v != "oracle" or oracle_reason is None]
 
@@ -135,9 +136,7 @@ def _bench_cell(model, ids, settings: BenchSettings, shape: ModelShape, granular
         "capacity": {"prefill": cap_prefill, "decode": cap_decode},
         "capacity_overall": {
             "prefill": probe.capacity_prefill.as_dict()["overall"],
-            "decode": (probe.capacity_decode if granularity.endswith("token") else probe.capacity_prefill).as_dict()[
-                "overall"
-            ],
+            "decode": decode_stats.as_dict()["overall"],
         },
         "oracle_layers": deleted,
         "oracle_note": oracle_reason,

@@ -31,7 +31,6 @@ from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from routertune.io_utils import atomic_path
 from routertune.routing.attach import (
     all_units_kept,
     capacity_regularizer,
@@ -335,9 +334,10 @@ def write_artifacts(trainer: RouterTrainer, folder: Path, trained: TrainedWeight
     routed = trainer.routed_model
     save_routers(routed, folder, weights=trained.routers)
     if trainer.lora:
-        trainer.model.save_pretrained(str(folder), state_dict=trained.adapter)
-        if not checkpoint:
-            _rename_to_plain(routed, folder / "adapter_model.safetensors")
+        # The final adapter under the plain model's module names, so it loads without routers;
+        # checkpoints keep the routed names (resume loads them into the routed model).
+        adapter = trained.adapter if checkpoint else plain_parameter_names(routed, trained.adapter)
+        trainer.model.save_pretrained(str(folder), state_dict=adapter)
     if not trainer.router_only:
         state = routed.state_dict()
         if not checkpoint:
@@ -347,18 +347,6 @@ def write_artifacts(trainer: RouterTrainer, folder: Path, trained: TrainedWeight
         routed.save_pretrained(str(folder), state_dict=state)
         if trainer.tokenizer is not None:
             trainer.tokenizer.save_pretrained(str(folder))
-
-
-def _rename_to_plain(routed: nn.Module, weights: Path) -> None:
-    """The final LoRA adapter under the plain model's module names, so it loads without routers.
-    (Checkpoints keep the routed names: resume loads them into the routed model.)"""
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(str(weights))
-    renamed = plain_parameter_names(routed, tensors)
-    if renamed.keys() != tensors.keys():
-        with atomic_path(weights) as tmp:
-            save_file(renamed, str(tmp), metadata={"format": "pt"})
 
 
 def load_lora_adapter(peft_model: nn.Module, folder: Path) -> None:
