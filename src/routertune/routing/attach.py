@@ -24,6 +24,7 @@ from routertune.routing.arch import (
     decoder_layers,
     mask_anchor_layers,
 )
+from routertune.routing.compiled import ensure_cache_registered
 from routertune.routing.config import RouterConfig, RouterConfigError
 from routertune.routing.layers import (
     ROUTING_MASK_KWARG,
@@ -63,7 +64,9 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # attach / detach
 # --------------------------------------------------------------------------------------------
-def attach_routers(model: nn.Module, config: RouterConfig | None = None, probe: bool | None = None) -> nn.Module:
+def attach_routers(
+    model: nn.Module, config: RouterConfig | None = None, probe: bool | None = None
+) -> nn.Module:
     """Adds zero-initialised routers to ``model`` in place and returns it.
 
     The attention (and, for ``mlp_*`` / ``block_*``, the MLP) of every routed layer is wrapped
@@ -112,6 +115,9 @@ def attach_routers(model: nn.Module, config: RouterConfig | None = None, probe: 
             handles.append(layer.register_forward_pre_hook(strip_routing_kwargs, with_kwargs=True))
     hook = functools.partial(_pass_token_mask, routings)
     handles.append(base_model(model).register_forward_pre_hook(hook, with_kwargs=True))
+    # On the model itself as well: `model.forward = torch.compile(model.forward)` leaves the
+    # hooks of `model` eager, so a new request's cache is registered before the graph runs.
+    handles.append(model.register_forward_pre_hook(_register_request_cache, with_kwargs=True))
     setattr(model, _CONFIG_ATTR, config)
     setattr(model, _HOOK_ATTR, handles)
     if calls is not None:
@@ -196,6 +202,12 @@ def detach_routers(model: nn.Module) -> nn.Module:
     return model
 
 
+def _register_request_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+    if cache is not None:
+        ensure_cache_registered(cache)
+
+
 def _pass_token_mask(
     routings: list[LayerRouting], module: nn.Module, args: tuple, kwargs: dict
 ) -> tuple[tuple, dict]:
@@ -205,6 +217,9 @@ def _pass_token_mask(
     recomputation sees it too and concurrent requests cannot see each other's. Each routed layer
     is told that a mask was sent, so a family that drops it on the way is refused.
     """
+    cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+    if cache is not None:
+        ensure_cache_registered(cache)  # so the compiled ops can find it (routing/compiled.py)
     mask = kwargs.get("attention_mask")
     if mask is None and len(args) > 1:
         mask = args[1]

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from routertune.routing import compiled
 from routertune.routing.arch import CACHE_KWARGS, ArchSpec, UnsupportedArchitectureError
 from routertune.routing.router import Router, masked_sequence_mean, straight_through_gate
 from routertune.routing.routes import ROUTES_ATTR, RowsOfCache, SequenceRoute, routes_of  # noqa: F401 (ROUTES_ATTR re-exported)
@@ -55,7 +56,9 @@ class Decision:
     (training) is set.
     """
 
-    def __init__(self, route: SequenceRoute | None = None, keep=None, gate=None, fixed: bool | None = None) -> None:
+    def __init__(
+        self, route: SequenceRoute | None = None, keep=None, gate=None, fixed: bool | None = None
+    ) -> None:
         self.route = route
         self.keep = keep  # (B, T) bool
         self.gate = gate  # (B, 1, 1) or (B, T, 1) straight-through gate
@@ -85,6 +88,8 @@ class LayerRouting:
         mask_sent: set when the model received a padding mask, cleared when the attention wrapper
             received it: a family whose decoder layer does not pass keyword arguments on to its
             attention is refused instead of averaging over padding.
+        order: a one-element tensor the layer's compiled ops declare they mutate, which keeps its
+            MLP op after its attention op (:mod:`routertune.routing.compiled`).
     """
 
     def __init__(self, layer_idx: int, target: str, unit: str, arch: ArchSpec) -> None:
@@ -97,6 +102,7 @@ class LayerRouting:
         self.forced_keep: torch.Tensor | None = None
         self.decision: Decision | None = None
         self.mask_sent = False
+        self.order = torch.zeros(1)
 
     def notify(self, keep: torch.Tensor, scores: torch.Tensor | None, valid: torch.Tensor | None) -> None:
         for obs in self.observers:
@@ -123,6 +129,11 @@ class SubLayerWrapper(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.routing = routing
+        self.handle = compiled.register_wrapper(self)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.handle = compiled.register_wrapper(self)  # a copy is its own routed sub-layer
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -149,6 +160,7 @@ class RoutedAttention(SubLayerWrapper):
         super().__init__(base_layer, routing)
         self.router = router
         self.routes = routes
+        self.output_arity = 2  # how many values the base attention returns (seen on each eager call)
 
     # ---- the decision ------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any):
@@ -163,6 +175,17 @@ class RoutedAttention(SubLayerWrapper):
             )
         r.mask_sent = False
         cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+        if torch.compiler.is_compiling() and not (self.training and torch.is_grad_enabled()):
+            return compiled.call_routed_attention(self, hidden, token_mask, routing_mask, cache, args, kwargs)
+        out = self.run_routed(hidden, token_mask, routing_mask, cache, args, kwargs)
+        if isinstance(out, tuple):
+            self.output_arity = len(out)
+        return out
+
+    def run_routed(self, hidden, token_mask, routing_mask, cache, args: tuple, kwargs: dict):
+        """Decides and runs the layer's routed attention (eagerly; under compilation inside the
+        op of :mod:`routertune.routing.compiled`)."""
+        r = self.routing
         B, T, _ = hidden.shape
         valid = _valid_tokens(token_mask, B, T)
         if r.unit == "sequence":
@@ -278,6 +301,16 @@ class RoutedMLP(SubLayerWrapper):
     """The layer's MLP, skipped on the decision its attention wrapper made in this forward."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if (
+            torch.compiler.is_compiling()
+            and not args
+            and not kwargs
+            and not (self.training and torch.is_grad_enabled())
+        ):
+            return compiled.call_routed_mlp(self, x)
+        return self.run_routed(x, *args, **kwargs)
+
+    def run_routed(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         d = self.routing.decision
         if d is None:
             raise UnsupportedArchitectureError(
@@ -315,6 +348,8 @@ class BranchGate(SubLayerWrapper):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if not (self.training and torch.is_grad_enabled()):
+            return out  # the gate exists only in training (read nothing a compiled graph would guard on)
         d = self.routing.decision
         if d is not None and d.gate is not None:
             return out * d.gate
