@@ -31,6 +31,7 @@ from routertune.benchmark import (
     sublayers_deleted,
     variant,
 )
+from routertune.benchmark.compiled import COMPILED_VARIANTS
 from routertune.benchmark.presets import preset_config
 from routertune.benchmark.suite import _oracle_layers
 from routertune.cli import app
@@ -206,6 +207,29 @@ def test_cli_json_report(tiny_folder, tmp_path):
                 assert s[key] > 0, key
             assert s["all_kept_overhead"] > -1
             assert cell["flops"][phase]["dense"]["total"] > cell["flops"][phase]["routed"]["total"] > 0
+
+
+def test_cli_compiled_report(tiny_folder, tmp_path):
+    """--compile: every variant decodes its eager reference's tokens; the forced route
+    compiles as deleted sub-layers (same KV as the oracle), the scored one as ops."""
+    out = tmp_path / "bench.json"
+    result = _bench(
+        "--model", str(tiny_folder), "--context", "12", "--new_tokens", "3", "--repeats", "2", "--batch", "2",
+        "--skip_ratio", "0.5", "--router_layers", "2", "--compile", "--compile_backend", "eager",
+        "--json", str(out),
+    )
+    assert result.exit_code == 0, result.output
+    assert "| 12 | 2 |" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["kind"] == "compiled" and report["settings"]["backend"] == "eager"
+    (cell,) = report["results"]
+    assert set(cell["variants"]) == set(COMPILED_VARIANTS)
+    for v in cell["variants"].values():
+        assert v["tokens_equal_eager"] and len(v["decode_s"]) == 2 and v["decode_tokens_per_s"] > 0
+    kv = {name: v["kv_cache_bytes"] for name, v in cell["variants"].items()}
+    assert kv["routed_compiled"] == kv["oracle_compiled"] == kv["routed_scored_compiled"] < kv["dense_compiled"]
+    for key in ("routed_compiled_vs_dense_compiled", "oracle_compiled_vs_dense_compiled", "dense_compiled_vs_dense_eager"):
+        assert cell["decode_speedup"][key] > 0
 
 
 def test_cli_loads_saved_routers(tiny_folder, tmp_path):

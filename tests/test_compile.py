@@ -16,7 +16,7 @@ from routertune import GRANULARITIES, RouterConfig, attach_routers, track_capaci
 from routertune.routing.attach import routed_layers, set_thresholds
 from routertune.routing.compiled import CompiledRoutingError, decode_call, encode_call
 
-from helpers import FAMILIES, greedy, left_padded_batch, randomize_routers, tiny_model
+from helpers import FAMILIES, greedy, left_padded_batch, randomize_routers, tiny_model, without_sublayers
 
 
 @pytest.fixture(autouse=True)
@@ -163,6 +163,38 @@ def test_compiled_forward_recipe_compiles_what_the_plain_model_does(granularity)
     patterns = _compare_requests(model, generate_with_compiled_forward(model, backend))
     assert len(patterns) >= 5
     assert len(graphs) == _plain_graph_count("llama", REQUESTS, 5, generate_with_compiled_forward)
+
+
+def _routertune_ops(graphs) -> int:
+    return sum(
+        "routertune" in str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"
+    )
+
+
+@pytest.mark.parametrize("granularity", ["attn_sequence", "mlp_token", "block_sequence"])
+def test_thresholds_that_fix_the_decision_compile_as_plain_or_deleted_sublayers(granularity):
+    """Threshold 0 / above 1 are part of the model (the attention-drop baseline, forced skips):
+    the graph holds the sub-layer as plain or deleted, with no op, and equals the model with
+    those sub-layers deleted."""
+    model = routed_model("llama", granularity)
+    first, second = sorted(routed_layers(model))
+    set_thresholds(model, {first: 2.0, second: 0.0})
+    deleted = without_sublayers(tiny_model("llama"), [first], granularity.split("_")[0])
+    graphs, backend = graph_counter()
+    config = generate_compile_config(backend)
+    for lengths, seed in (([9, 5, 7, 6], 0), ([6, 8, 8, 3], 1)):
+        ids, mask, _ = left_padded_batch(lengths, seed=seed)
+        reference = greedy(deleted, ids, mask, n=4, cache_implementation="static", disable_compile=True)
+        compiled = greedy(model, ids, mask, n=4, cache_implementation="static", compile_config=config)
+        assert torch.equal(compiled.sequences, reference.sequences)
+        torch.testing.assert_close(
+            torch.stack(compiled.logits), torch.stack(reference.logits), rtol=1e-5, atol=1e-5
+        )
+    assert len(graphs) == 1 and _routertune_ops(graphs) == 0
+    # scored routers (and observed ones) are ops in the graph
+    set_thresholds(model, 0.5)
+    greedy(model, ids, mask, n=2, cache_implementation="static", compile_config=config)
+    assert len(graphs) == 2 and _routertune_ops(graphs[1:]) > 0
 
 
 def test_inductor_compiled_generate_equals_eager():

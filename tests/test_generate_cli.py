@@ -100,17 +100,53 @@ def test_routers_that_skip_attention_shrink_the_kv_cache(app, tiny_folder, tmp_p
 
     dense = run(app, "--model", str(tiny_folder), "--prompt", "the theme", "--max-new-tokens", "5")
     routed_run = run(
-        app, "--model", str(tiny_folder), "--prompt", "the theme", "--max-new-tokens", "5",
-        "--routers", str(tmp_path / "routers"),
+        app,
+        "--model",
+        str(tiny_folder),
+        "--prompt",
+        "the theme",
+        "--max-new-tokens",
+        "5",
+        "--routers",
+        str(tmp_path / "routers"),
     )
     assert dense.exit_code == 0 and routed_run.exit_code == 0, routed_run.stderr
     stats = summary(routed_run)
     positions = stats["prompt"] + stats["new"] - 1
     assert stats["kv"] == expected_kv_bytes(positions, tiny_models.LAYERS - len(routed))
-    assert summary(dense)["kv"] == expected_kv_bytes(summary(dense)["prompt"] + summary(dense)["new"] - 1,
-                                                     tiny_models.LAYERS)
+    assert summary(dense)["kv"] == expected_kv_bytes(
+        summary(dense)["prompt"] + summary(dense)["new"] - 1, tiny_models.LAYERS
+    )
     assert f"routers {tmp_path / 'routers'}" in routed_run.stderr
     assert "Warning" not in routed_run.stderr  # same base model name
+
+
+def test_compiled_decode_generates_the_same_text(app, tiny_folder, tmp_path):
+    """--compile: static cache and inductor-compiled decode steps, routed sub-layers as ops."""
+    model, _ = load_model_and_tokenizer(tiny_folder, progress=False)
+    attach_routers(model, RouterConfig(granularity="attn_sequence"))
+    with torch.no_grad():  # routers that score: the route is decided from the prompt
+        for layer in model.model.layers:
+            if hasattr(layer.self_attn, "router"):
+                layer.self_attn.router.proj.weight.normal_(
+                    0.0, 0.5, generator=torch.Generator().manual_seed(1)
+                )
+    save_routers(model, tmp_path / "routers")
+    args = [
+        "--model",
+        str(tiny_folder),
+        "--prompt",
+        "the theme",
+        "--max-new-tokens",
+        "6",
+        "--routers",
+        str(tmp_path / "routers"),
+    ]
+    eager = run(app, *args)
+    compiled = run(app, *args, "--compile")
+    assert eager.exit_code == 0 and compiled.exit_code == 0, compiled.stderr
+    assert compiled.stdout == eager.stdout
+    assert "compiled decode" in compiled.stderr and "compiled decode" not in eager.stderr
 
 
 def test_routers_from_another_base_model_warn(app, tiny_folder, tmp_path):
@@ -118,8 +154,17 @@ def test_routers_from_another_base_model_warn(app, tiny_folder, tmp_path):
     model.config._name_or_path = "some-other-model"
     attach_routers(model, RouterConfig())
     save_routers(model, tmp_path / "routers")
-    result = run(app, "--model", str(tiny_folder), "--prompt", "x", "--max-new-tokens", "1",
-                 "--routers", str(tmp_path / "routers"))
+    result = run(
+        app,
+        "--model",
+        str(tiny_folder),
+        "--prompt",
+        "x",
+        "--max-new-tokens",
+        "1",
+        "--routers",
+        str(tmp_path / "routers"),
+    )
     assert result.exit_code == 0, result.stderr
     assert "trained on 'some-other-model'" in result.stderr
 

@@ -3,6 +3,7 @@
     routertune bench --model smollm2-135m-instruct --skip_ratio 0.5 --json bench.json
     routertune bench --model random:llama-1b --context 512 --batch 1,8 --skip_ratio 0.5
     routertune bench --model ./my-llama --routers runs/routers --device cuda
+    routertune bench --compile --skip_ratio 0.5 --context 512,2048 --batch 1,8   # under torch.compile
 
 The Markdown table goes to stdout, progress to stderr, the full report to ``--json``.
 See docs/benchmarks.md for every field.
@@ -37,7 +38,9 @@ def bench(
     ),
     context: str = typer.Option("512,2048", "--context", help="Prompt lengths, comma-separated."),
     batch: str = typer.Option("1,8", "--batch", help="Batch sizes, comma-separated."),
-    new_tokens: int = typer.Option(32, "--new_tokens", "--new-tokens", help="Decode steps after each prefill."),
+    new_tokens: int = typer.Option(
+        32, "--new_tokens", "--new-tokens", help="Decode steps after each prefill."
+    ),
     repeats: int = typer.Option(3, "--repeats", help="Timed repeats per variant (medians are reported)."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed warm-up runs per variant and cell."),
     skip_ratio: float | None = typer.Option(
@@ -47,10 +50,16 @@ def bench(
         help="Force this share of the routed layers to skip every unit (deepest first), the rest to keep all.",
     ),
     granularity: str | None = typer.Option(
-        None, "--granularity", help=f"For fresh routers: one of {', '.join(GRANULARITIES)} (default attn_sequence)."
+        None,
+        "--granularity",
+        help=f"For fresh routers: one of {', '.join(GRANULARITIES)} (default attn_sequence).",
     ),
     router_layers: int = typer.Option(
-        16, "--router_layers", "--router-layers", "--mod_n", help="For fresh routers: how many deep layers get one."
+        16,
+        "--router_layers",
+        "--router-layers",
+        "--mod_n",
+        help="For fresh routers: how many deep layers get one.",
     ),
     variants: str = typer.Option(
         "dense,all_kept,routed,oracle", "--variants", help="Variants to time (dense and routed are required)."
@@ -58,8 +67,19 @@ def bench(
     json_path: Path | None = typer.Option(None, "--json", help="Write the full report (JSON) here."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (cuda:N)."),
     dtype: str | None = dtype_option(),
-    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
+    threads: int | None = typer.Option(
+        None, "--threads", help="torch CPU threads (default: torch's choice)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompts (and random weights)."),
+    compile_decode: bool = typer.Option(
+        False,
+        "--compile",
+        help="Time decode under torch.compile with a static cache: dense eager and compiled, routed eager and "
+        "compiled, the oracle compiled (--variants does not apply). About a minute of compilation per graph on a CPU.",
+    ),
+    compile_backend: str = typer.Option(
+        "inductor", "--compile_backend", "--compile-backend", help="torch.compile backend for --compile."
+    ),
 ) -> None:
     """Time prefill and decode of the dense model, the routed model, and the model with the skipped
     sub-layers deleted, in one process; report speedups against the FLOP-ideal and KV-cache bytes."""
@@ -106,24 +126,35 @@ def bench(
             if granularity is not None and granularity != loaded:
                 fail(f"--granularity {granularity} disagrees with the routers in {routers} ({loaded})")
         else:
-            attach_routers(lm, RouterConfig(granularity=granularity or "attn_sequence", router_layers=router_layers))
+            attach_routers(
+                lm, RouterConfig(granularity=granularity or "attn_sequence", router_layers=router_layers)
+            )
     except (RouterLoadError, RouterConfigError) as err:
         fail(str(err))
 
     typer.echo(f"bench: {name} on {device}, threads {torch.get_num_threads()}", err=True)
+    progress = lambda line: typer.echo(f"bench: {line}", err=True)  # noqa: E731
     try:
-        report = run_benchmark(
-            lm,
-            settings,
-            name=name,
-            routers=str(routers) if routers is not None else None,
-            progress=lambda line: typer.echo(f"bench: {line}", err=True),
-        )
+        if compile_decode:
+            from routertune.benchmark.compiled import compiled_results_table, run_compiled_benchmark
+
+            report = run_compiled_benchmark(lm, settings, name=name, progress=progress, backend=compile_backend)
+            report["routers"] = str(routers) if routers is not None else None
+        else:
+            report = run_benchmark(
+                lm,
+                settings,
+                name=name,
+                routers=str(routers) if routers is not None else None,
+                progress=progress,
+            )
     except (BenchError, RouterConfigError) as err:
         fail(str(err))
     except torch.OutOfMemoryError as err:
-        fail(f"out of memory on {device} ({err}); try a smaller --context/--batch, a smaller model, or --dtype bf16")
-    typer.echo(results_table(report))
+        fail(
+            f"out of memory on {device} ({err}); try a smaller --context/--batch, a smaller model, or --dtype bf16"
+        )
+    typer.echo(compiled_results_table(report) if compile_decode else results_table(report))
     if json_path is not None:
         import json
 

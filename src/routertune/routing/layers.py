@@ -103,6 +103,16 @@ class LayerRouting:
         self.decision: Decision | None = None
         self.mask_sent = False
         self.order = torch.zeros(1)
+        self.router: Router | None = None  # set by the attention wrapper
+
+    def static_decision(self) -> bool | None:
+        """True / False when every unit of this layer is kept / skipped whatever the data: the
+        threshold fixes it, and nobody observes the scores. A compiled graph then holds the
+        layer as plain or deleted (the decision is part of the model, like a deleted layer; the
+        graph guards on it), not as an op."""
+        if self.forced_keep is not None or self.observers or self.router is None:
+            return None
+        return self.router.fixed_decision
 
     def notify(self, keep: torch.Tensor, scores: torch.Tensor | None, valid: torch.Tensor | None) -> None:
         for obs in self.observers:
@@ -159,6 +169,7 @@ class RoutedAttention(SubLayerWrapper):
     def __init__(self, base_layer: nn.Module, routing: LayerRouting, router: Router, routes: bool) -> None:
         super().__init__(base_layer, routing)
         self.router = router
+        routing.router = router
         self.routes = routes
         self.output_arity = 2  # how many values the base attention returns (seen on each eager call)
 
@@ -176,6 +187,12 @@ class RoutedAttention(SubLayerWrapper):
         r.mask_sent = False
         cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
         if torch.compiler.is_compiling() and not (self.training and torch.is_grad_enabled()):
+            static = r.static_decision()
+            # a token layer that skips every query still writes every token's keys/values: an op
+            if static is True or (static is False and (not self.routes or r.unit == "sequence")):
+                if static or not self.routes:
+                    return self.base_layer(*args, **kwargs)
+                return (torch.zeros_like(hidden), *([None] * (self.output_arity - 1)))
             return compiled.call_routed_attention(self, hidden, token_mask, routing_mask, cache, args, kwargs)
         out = self.run_routed(hidden, token_mask, routing_mask, cache, args, kwargs)
         if isinstance(out, tuple):
@@ -307,6 +324,9 @@ class RoutedMLP(SubLayerWrapper):
             and not kwargs
             and not (self.training and torch.is_grad_enabled())
         ):
+            static = self.routing.static_decision()
+            if static is not None:  # kept / skipped by the threshold: plain or deleted in the graph
+                return self.base_layer(x) if static else torch.zeros_like(x)
             return compiled.call_routed_mlp(self, x)
         return self.run_routed(x, *args, **kwargs)
 

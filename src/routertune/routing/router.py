@@ -56,14 +56,21 @@ class Router(nn.Module):
         return torch.sigmoid(self.proj(x).squeeze(-1))
 
     @property
+    def threshold(self) -> float:
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self._threshold = float(value)
+        # Stored, not derived on each read: a compiled graph that reads it guards on this
+        # True / False / None only, so moving a scored threshold (0.5 -> 0.55) does not recompile.
+        self._fixed_decision = True if value <= KEEP_ALL_THRESHOLD else (False if value > 1.0 else None)
+
+    @property
     def fixed_decision(self) -> bool | None:
         """True when the threshold keeps every unit, False when it skips every unit, None when
         the scores decide."""
-        if self.threshold <= KEEP_ALL_THRESHOLD:
-            return True
-        if self.threshold > 1.0:
-            return False
-        return None
+        return self._fixed_decision
 
     def keep(self, scores: torch.Tensor) -> torch.Tensor:
         """Hard decision: ``(...)`` bool, True where the unit is computed."""
