@@ -232,6 +232,27 @@ def test_cli_compiled_report(tiny_folder, tmp_path):
         assert cell["decode_speedup"][key] > 0
 
 
+def test_gpu_check_script_at_a_toy_shape(tmp_path):
+    """benchmarks/gpu_check.py, the prepared GPU run, on CPU at a toy shape (the compiled section
+    traced without compiling; `bash benchmarks/gpu_check.sh` on a GPU runs inductor)."""
+    import subprocess
+
+    out = tmp_path / "gpu_check.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--device", "cpu", "--compile_backend", "eager", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    sections = json.loads(out.read_text())["sections"]
+    assert set(sections) == {"exact", "eager", "train", "compiled_batch1", "compiled_batch2"}
+    assert sections["exact"]["routers_on_equals_dense"] and sections["exact"]["skipping_equals_deleted"]
+    assert sections["train"]["router"]["trainable_parameters"] < sections["train"]["full"]["trainable_parameters"]
+    for batch in (1, 2):
+        (cell,) = sections[f"compiled_batch{batch}"]["report"]["results"]
+        assert all(v["tokens_equal_eager"] for v in cell["variants"].values())
+
+
 def test_cli_loads_saved_routers(tiny_folder, tmp_path):
     model = tiny_model("llama")  # same shape as the tiny folder's model (hidden 64, 4 layers)
     attach_routers(model, RouterConfig(granularity="attn_token", router_layers=2))
