@@ -26,6 +26,7 @@ after its layer's attention op even in families whose MLP does not consume the a
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
 from typing import Any
@@ -130,18 +131,26 @@ def encode_call(args: tuple, kwargs: dict, cache: Any) -> tuple[str, list[torch.
     return ";".join(parts), tensors
 
 
-def decode_call(spec: str, tensors: list[torch.Tensor], cache: Any) -> tuple[tuple, dict]:
-    """Inverse of :func:`encode_call`."""
-    pending = iter(tensors)
+_TENSOR, _CACHE = object(), object()  # placeholders of a parsed spec
+
+
+class _Container(tuple):
+    """A parsed tuple / list of the spec: ``(kind, items)``."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(spec: str) -> tuple[tuple, tuple]:
+    """The spec's positional and keyword templates (parsed once per spec: each graph has one per
+    routed layer, and the op runs at every step)."""
 
     def value(text: str, pos: int) -> tuple[Any, int]:
         ch = text[pos]
         if ch == "T":
-            return next(pending), pos + 1
+            return _TENSOR, pos + 1
         if ch == "N":
             return None, pos + 1
         if ch == "C":
-            return cache, pos + 1
+            return _CACHE, pos + 1
         if ch == "B":
             return text[pos + 1] == "1", pos + 2
         if ch == "I":
@@ -157,17 +166,36 @@ def decode_call(spec: str, tensors: list[torch.Tensor], cache: Any) -> tuple[tup
                 items.append(item)
                 if text[pos] == ",":
                     pos += 1
-            return (tuple(items) if ch == "(" else items), pos + 1
+            return _Container((ch, tuple(items))), pos + 1
         raise ValueError(f"bad routed-call spec {spec!r} at {pos}")
 
-    args, kwargs = [], {}
+    args, kwargs = [], []
     for part in spec.split(";") if spec else []:
         name, sep, rest = part.partition("=")
         if sep and name.isidentifier():
-            kwargs[name] = value(rest, 0)[0]
+            kwargs.append((name, value(rest, 0)[0]))
         else:
             args.append(value(part, 0)[0])
-    return tuple(args), kwargs
+    return tuple(args), tuple(kwargs)
+
+
+def decode_call(spec: str, tensors: list[torch.Tensor], cache: Any) -> tuple[tuple, dict]:
+    """Inverse of :func:`encode_call`."""
+    pending = iter(tensors)
+
+    def fill(node: Any) -> Any:
+        if node is _TENSOR:
+            return next(pending)
+        if node is _CACHE:
+            return cache
+        if isinstance(node, _Container):
+            kind, items = node
+            filled = [fill(item) for item in items]
+            return tuple(filled) if kind == "(" else filled
+        return node
+
+    args, kwargs = _parse(spec)
+    return tuple(fill(a) for a in args), {name: fill(v) for name, v in kwargs}
 
 
 # --------------------------------------------------------------------------------------------
