@@ -39,10 +39,9 @@ mutate "padding of a static cache's 4-D mask ignored" src/routertune/routing/att
 mutate "fixed sequence decision read back from the device" src/routertune/routing/routes.py \
   "        n_kept = (batch if fixed else 0) if fixed is not None else int(keep.sum())" "        n_kept = int(keep.sum())" \
   tests/test_routing.py -k host_read
-# Issue 11: compiled, a routed sub-layer is one opaque op; traced as Python, every route pattern
-# is a guard (one graph per pattern); an MLP op not ordered after its attention op reads a stale decision.
+# Issue 11: compiled, a scored routed sub-layer is one opaque op; traced as Python instead, every
+# route pattern is a guard (one graph per pattern).
 mutate "compiled routed attention traced instead of an op" src/routertune/routing/layers.py \
-  "        if torch.compiler.is_compiling() and not (self.training and torch.is_grad_enabled()):
-            return compiled.call_routed_attention(" "        if False:
-            return compiled.call_routed_attention(" \
+  "        return compiled.call_routed_attention(self, hidden, token_mask, routing_mask, cache, args, kwargs)" \
+  "        return self.run_routed(hidden, token_mask, routing_mask, cache, args, kwargs)" \
   tests/test_compile.py -k "one_graph or recipe"

@@ -25,6 +25,9 @@ Per forward:
   * ``*_token``: the MLP runs on the kept tokens only; attention computes keys/values for all
     tokens and queries only for the kept ones (:mod:`routertune.routing.token_attention`) where the
     family's table entry allows, else every query.
+* under ``torch.compile`` (not training): a sub-layer whose threshold fixes the decision is
+  traced as the plain or deleted sub-layer; any other runs the code above inside one opaque op
+  (:mod:`routertune.routing.compiled`), so the graph holds no route and never recompiles for one.
 
 See docs/design.md for the measurements behind these choices.
 """
@@ -187,17 +190,22 @@ class RoutedAttention(SubLayerWrapper):
         r.mask_sent = False
         cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
         if torch.compiler.is_compiling() and not (self.training and torch.is_grad_enabled()):
-            static = r.static_decision()
-            # a token layer that skips every query still writes every token's keys/values: an op
-            if static is True or (static is False and (not self.routes or r.unit == "sequence")):
-                if static or not self.routes:
-                    return self.base_layer(*args, **kwargs)
-                return (torch.zeros_like(hidden), *([None] * (self.output_arity - 1)))
-            return compiled.call_routed_attention(self, hidden, token_mask, routing_mask, cache, args, kwargs)
+            return self._compiled_forward(hidden, token_mask, routing_mask, cache, args, kwargs)
         out = self.run_routed(hidden, token_mask, routing_mask, cache, args, kwargs)
         if isinstance(out, tuple):
             self.output_arity = len(out)
         return out
+
+    def _compiled_forward(self, hidden, token_mask, routing_mask, cache, args: tuple, kwargs: dict):
+        """What a compiled graph holds: the plain or deleted sub-layer where the threshold fixes
+        the decision, else one opaque op (:mod:`routertune.routing.compiled`)."""
+        static = self.routing.static_decision()
+        # a token layer that skips every query still writes every token's keys/values: an op
+        if static is True or (static is False and (not self.routes or self.routing.unit == "sequence")):
+            if static or not self.routes:
+                return self.base_layer(*args, **kwargs)
+            return (torch.zeros_like(hidden), *([None] * (self.output_arity - 1)))
+        return compiled.call_routed_attention(self, hidden, token_mask, routing_mask, cache, args, kwargs)
 
     def run_routed(self, hidden, token_mask, routing_mask, cache, args: tuple, kwargs: dict):
         """Decides and runs the layer's routed attention (eagerly; under compilation inside the
