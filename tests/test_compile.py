@@ -14,7 +14,7 @@ from transformers import CompileConfig
 
 from routertune import GRANULARITIES, RouterConfig, attach_routers, track_capacity
 from routertune.routing.attach import routed_layers, set_thresholds
-from routertune.routing.compiled import CompiledRoutingError, decode_call, encode_call
+from routertune.routing.compiled import CompiledRoutingError, compile_kept_sublayers, decode_call, encode_call
 
 from helpers import FAMILIES, greedy, left_padded_batch, randomize_routers, tiny_model, without_sublayers
 
@@ -195,6 +195,24 @@ def test_thresholds_that_fix_the_decision_compile_as_plain_or_deleted_sublayers(
     set_thresholds(model, 0.5)
     greedy(model, ids, mask, n=2, cache_implementation="static", compile_config=config)
     assert len(graphs) == 2 and _routertune_ops(graphs[1:]) > 0
+
+
+def test_kept_sublayers_run_as_compiled_regions_inside_the_ops():
+    """compile_kept_sublayers: a sub-layer an op runs on the whole batch is a compiled region of
+    its own (one per routed sub-layer, whatever the requests); outputs unchanged."""
+    graphs, backend = graph_counter()
+    regions, region_backend = graph_counter()
+    compile_kept_sublayers(True, backend=region_backend)
+    try:
+        model = routed_model("llama", "block_sequence")
+        # 1e-6 is a scored threshold that keeps every row (an op runs the plain sub-layers)
+        requests = [(1e-6, [9, 5, 7, 6], 0), REQUESTS[0], (1e-6, [8, 8, 4, 6], 1)]
+        _compare_requests(model, generate_compiled_by_generate(model, backend), requests=requests)
+    finally:
+        compile_kept_sublayers(False)
+    assert len(graphs) == 1
+    # one attention graph per routed layer (each guards on its layer index), one MLP graph for all
+    assert len(regions) == len(routed_layers(model)) + 1
 
 
 def test_inductor_compiled_generate_equals_eager():

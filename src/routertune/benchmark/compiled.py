@@ -17,6 +17,8 @@ recompile at every switch), interleaved within every repeat:
   scoring (zero router weights score 0.5; thresholds 0.4 keep, 0.6 skip), as learned routers
   decide: forced thresholds are part of the model and compile as plain or deleted sub-layers,
   scored decisions run as ops, and this variant times that path;
+* ``routed_scored_regions``: the same compiled forward, with the kept sub-layers inside the
+  ops compiled as regions of their own (:func:`routertune.routing.compiled.compile_kept_sublayers`);
 * ``oracle_compiled``: the plain model with the skipped sub-layers deleted, compiled (defined
   when every routed layer keeps all or none of its units).
 
@@ -48,6 +50,7 @@ from routertune.benchmark.variants import ZeroAttention, ZeroMLP, force_skip
 from routertune.kv_cache import kv_cache_bytes
 from routertune.routing.arch import arch_spec, decoder_layers
 from routertune.routing.attach import detach_routers, get_router_config, routed_layers, set_thresholds
+from routertune.routing.compiled import compile_kept_sublayers
 
 COMPILED_VARIANTS = (
     "dense_eager",
@@ -55,6 +58,7 @@ COMPILED_VARIANTS = (
     "routed_eager",
     "routed_compiled",
     "routed_scored_compiled",
+    "routed_scored_regions",
     "oracle_compiled",
 )
 COMPILED_METHOD = (
@@ -97,9 +101,16 @@ class _Runner:
     """One variant: its model, its (compiled) decode forward, its prefilled cache."""
 
     def __init__(
-        self, model: nn.Module, compiled: bool, backend: str = "inductor", dynamic: bool | None = False
+        self,
+        model: nn.Module,
+        compiled: bool,
+        backend: str = "inductor",
+        dynamic: bool | None = False,
+        regions: bool = False,
     ) -> None:
         self.model = model
+        self.regions = regions
+        self.backend = backend
         self.forward = (
             torch.compile(model.forward, fullgraph=True, backend=backend, dynamic=dynamic)
             if compiled
@@ -136,6 +147,7 @@ class _Runner:
     def decode(self, steps: int) -> tuple[float, float, torch.Tensor]:
         """(wall s, CPU s, the greedy tokens) of ``steps`` decode steps from the end of the prompt."""
         _restart_decode(self.cache, self.context)
+        compile_kept_sublayers(self.regions, self.backend)
         token, tokens = self.first_token, []
         synchronize(token.device)
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -147,6 +159,7 @@ class _Runner:
                 token = logits[:, -1:].argmax(-1)
                 tokens.append(token)
         synchronize(token.device)
+        compile_kept_sublayers(False)
         return time.perf_counter() - start, time.process_time() - start_cpu, torch.cat(tokens, 1)
 
 
@@ -179,7 +192,12 @@ def run_compiled_benchmark(
     runners["routed_eager"] = _Runner(model, False)
     runners["routed_compiled"] = _Runner(model, True, backend, dynamic)
     if forced is not None:
-        runners["routed_scored_compiled"] = _Runner(_scored_copy(model, forced), True, backend, dynamic)
+        scored = _Runner(_scored_copy(model, forced), True, backend, dynamic)
+        runners["routed_scored_compiled"] = scored
+        runners["routed_scored_regions"] = _Runner(scored.model, True, backend, dynamic, regions=True)
+        runners[
+            "routed_scored_regions"
+        ].forward = scored.forward  # the same graph; regions switched at run time
     oracles: dict[tuple[int, ...], _Runner] = {}  # by the layers deleted
     report: dict[str, Any] = {
         "schema": SCHEMA,
@@ -270,6 +288,7 @@ def _compiled_cell(
     }
     routed_gain = speedup("dense_compiled", "routed_compiled")
     scored_gain = speedup("dense_compiled", "routed_scored_compiled")
+    regions_gain = speedup("dense_compiled", "routed_scored_regions")
     oracle_gain = speedup("dense_compiled", "oracle_compiled")
     return {
         "context": context,
@@ -285,6 +304,8 @@ def _compiled_cell(
             "routed_share_of_oracle_gain": _share(routed_gain, oracle_gain),
             "routed_scored_compiled_vs_dense_compiled": scored_gain,
             "routed_scored_share_of_oracle_gain": _share(scored_gain, oracle_gain),
+            "routed_scored_regions_vs_dense_compiled": regions_gain,
+            "routed_scored_regions_share_of_oracle_gain": _share(regions_gain, oracle_gain),
             "routed_compiled_vs_dense_compiled_cpu": speedup(
                 "dense_compiled", "routed_compiled", "decode_cpu_s"
             ),
@@ -318,31 +339,38 @@ def compiled_cell_line(cell: dict[str, Any]) -> str:
 
 
 def compiled_results_table(report: dict[str, Any]) -> str:
-    """Markdown: per cell, decode tok/s of each variant and the speedups against compiled dense."""
+    """Markdown: per cell, decode tok/s and the speedups of each variant against compiled dense."""
 
     def f(x: float | None, spec: str = ".3f") -> str:
         return "-" if x is None else f"{x:{spec}}"
 
     head = (
-        "| context | batch | dense eager tok/s | dense compiled | routed eager | routed compiled "
-        "| routed scored compiled | oracle compiled | routed/dense (compiled) | scored/dense (compiled) "
-        "| oracle/dense (compiled) | share of oracle gain (routed, scored) | same tokens |\n"
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
+        "| context | batch | tok/s: dense eager | dense compiled | routed eager "
+        "| vs dense compiled: routed (fixed route) | scored (ops) | scored + regions | oracle "
+        "| share of oracle gain: routed / scored / regions | dense compiled vs eager | same tokens |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|\n"
     )
     rows = []
     for cell in report["results"]:
         v, s = cell["variants"], cell["decode_speedup"]
-
         rate = {
             name: f(v[name]["decode_tokens_per_s"], ".1f") if name in v else "-" for name in COMPILED_VARIANTS
         }
+        shares = " / ".join(
+            f(s.get(k), ".2f")
+            for k in (
+                "routed_share_of_oracle_gain",
+                "routed_scored_share_of_oracle_gain",
+                "routed_scored_regions_share_of_oracle_gain",
+            )
+        )
         same = all(x["tokens_equal_eager"] for x in v.values())
         rows.append(
             f"| {cell['context']} | {cell['batch']} | {rate['dense_eager']} | {rate['dense_compiled']} "
-            f"| {rate['routed_eager']} | {rate['routed_compiled']} | {rate['routed_scored_compiled']} "
-            f"| {rate['oracle_compiled']} | {f(s['routed_compiled_vs_dense_compiled'])} "
-            f"| {f(s['routed_scored_compiled_vs_dense_compiled'])} | {f(s['oracle_compiled_vs_dense_compiled'])} "
-            f"| {f(s['routed_share_of_oracle_gain'], '.2f')}, {f(s['routed_scored_share_of_oracle_gain'], '.2f')} "
-            f"| {'yes' if same else 'NO'} |"
+            f"| {rate['routed_eager']} | {f(s.get('routed_compiled_vs_dense_compiled'))} "
+            f"| {f(s.get('routed_scored_compiled_vs_dense_compiled'))} "
+            f"| {f(s.get('routed_scored_regions_vs_dense_compiled'))} "
+            f"| {f(s.get('oracle_compiled_vs_dense_compiled'))} | {shares} "
+            f"| {f(s.get('dense_compiled_vs_dense_eager'))} | {'yes' if same else 'NO'} |"
         )
     return head + "\n".join(rows) + "\n"

@@ -47,6 +47,38 @@ class CompiledRoutingError(RuntimeError):
     """A compiled routed forward met something its op cannot carry (named)."""
 
 
+class _Regions:
+    """Whether a kept sub-layer inside an op runs as a compiled region (off: eagerly)."""
+
+    enabled = False
+    backend = "inductor"
+    inside_op = 0  # > 0 while an op body runs
+
+
+def compile_kept_sublayers(enabled: bool = True, backend: str = "inductor") -> None:
+    """Inside the ops, run a sub-layer that keeps every row / token (the plain call) as a compiled
+    region of its own instead of eagerly; mixed rows and kept-token subsets stay eager.
+
+    One graph per routed layer (each guards on its layer index), so dynamo's recompile limit is
+    raised to 64 for the process. Off by default: it adds a compilation per routed layer (seconds
+    each) to the first compiled step. Measured in docs/design.md ("Speed under compilation").
+    """
+    _Regions.enabled, _Regions.backend = enabled, backend
+    if enabled:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
+def plain_call(wrapper: Any, *args: Any, **kwargs: Any) -> Any:
+    """The wrapper's base module on the whole batch: compiled inside an op if enabled."""
+    if not (_Regions.inside_op and _Regions.enabled):
+        return wrapper.base_layer(*args, **kwargs)
+    region = wrapper.__dict__.get("_compiled_region")
+    if region is None:
+        region = torch.compile(wrapper.base_layer, backend=_Regions.backend, fullgraph=True, dynamic=False)
+        wrapper.__dict__["_compiled_region"] = region  # not a submodule: no state_dict entry
+    return region(*args, **kwargs)
+
+
 # --------------------------------------------------------------------------------------------
 # Registries
 # --------------------------------------------------------------------------------------------
@@ -215,7 +247,11 @@ def routed_attention(
     wrapper = _wrapper(handle)
     cache = _cache(cache_key)
     args, kwargs = decode_call(spec, tensors, cache)
-    out = wrapper.run_routed(tensors[hidden_index], token_mask, routing_mask, cache, args, kwargs)[0]
+    _Regions.inside_op += 1
+    try:
+        out = wrapper.run_routed(tensors[hidden_index], token_mask, routing_mask, cache, args, kwargs)[0]
+    finally:
+        _Regions.inside_op -= 1
     return out if all(out.data_ptr() != t.data_ptr() for t in tensors) else out.clone()
 
 
@@ -226,7 +262,11 @@ def _(handle, spec, tensors, hidden_index, cache_key, token_mask, routing_mask, 
 
 @torch.library.custom_op("routertune::routed_mlp", mutates_args=("order",))
 def routed_mlp(handle: int, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    out = _wrapper(handle).run_routed(x)
+    _Regions.inside_op += 1
+    try:
+        out = _wrapper(handle).run_routed(x)
+    finally:
+        _Regions.inside_op -= 1
     return out if out.data_ptr() != x.data_ptr() else out.clone()
 
 

@@ -145,8 +145,13 @@ class SubLayerWrapper(nn.Module):
         self.handle = compiled.register_wrapper(self)
 
     def __setstate__(self, state: dict) -> None:
+        state.pop("_compiled_region", None)  # compiled for the original's module
         super().__setstate__(state)
         self.handle = compiled.register_wrapper(self)  # a copy is its own routed sub-layer
+
+    def _plain(self, *args: Any, **kwargs: Any) -> Any:
+        """The base module on the whole batch (every unit kept)."""
+        return compiled.plain_call(self, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -294,7 +299,7 @@ class RoutedAttention(SubLayerWrapper):
 
     def _run_rows(self, route: SequenceRoute, hidden, args, kwargs):
         if route.all_kept:
-            return self.base_layer(*args, **kwargs)
+            return self._plain(*args, **kwargs)
         if route.none_kept:
             return torch.zeros_like(hidden), None  # not called: its cache layer stays empty
         rows, B = route.kept_rows, hidden.shape[0]
@@ -307,7 +312,7 @@ class RoutedAttention(SubLayerWrapper):
 
     def _run_tokens(self, d: Decision, hidden, cache, args, kwargs):
         if d.all_kept:
-            return self.base_layer(*args, **kwargs)
+            return self._plain(*args, **kwargs)
         attn, spec = self.base_layer, self.routing.arch
         mask = kwargs.get("attention_mask")
         pos = kwargs.get("position_embeddings")
@@ -351,13 +356,13 @@ class RoutedMLP(SubLayerWrapper):
         if d.route is not None:
             route = d.route
             if route.all_kept:
-                return self.base_layer(x, *args, **kwargs)
+                return self._plain(x, *args, **kwargs)
             if route.none_kept:
                 return torch.zeros_like(x)
             rows = route.kept_rows
             return _scatter(self.base_layer(x.index_select(0, rows), *args, **kwargs), rows, x.shape[0])
         if d.all_kept:
-            return self.base_layer(x, *args, **kwargs)
+            return self._plain(x, *args, **kwargs)
         if d.max_kept == 0:
             return torch.zeros_like(x)
         B, T, C = x.shape
