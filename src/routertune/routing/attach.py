@@ -226,7 +226,9 @@ def _pass_token_mask(
     if isinstance(mask, dict):  # one 4-D mask per attention type (full, sliding): same padding
         mask = next((m for m in mask.values() if isinstance(m, torch.Tensor)), None)
     if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-        mask = _padding_of_4d_mask(mask, args, kwargs)
+        # A one-token step is a generated token, never padding: nothing to read back (and a
+        # compiled decode step then carries no mask arithmetic of routertune's).
+        mask = None if _input_length(args, kwargs) == 1 else _padding_of_4d_mask(mask, args, kwargs)
     sent = isinstance(mask, torch.Tensor) and mask.dim() == 2
     if sent:
         kwargs[TOKEN_MASK_KWARG] = mask
@@ -240,6 +242,18 @@ def _pass_token_mask(
     return args, kwargs
 
 
+def _input_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    return ids if isinstance(ids, torch.Tensor) else None
+
+
+def _input_length(args: tuple, kwargs: dict) -> int | None:
+    ids = _input_ids(args, kwargs)
+    return int(ids.shape[1]) if ids is not None and ids.dim() >= 2 else None
+
+
 def _padding_of_4d_mask(mask: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The (B, T) padding mask of the current tokens, read back from a 4-D attention mask.
 
@@ -248,10 +262,8 @@ def _padding_of_4d_mask(mask: torch.Tensor, args: tuple, kwargs: dict) -> torch.
     a key slot is real iff some query may attend it; the current tokens fill the slots after the
     ones the cache already holds. None when the input length cannot be read.
     """
-    ids = kwargs.get("input_ids", args[0] if args else None)
+    ids = _input_ids(args, kwargs)
     if ids is None:
-        ids = kwargs.get("inputs_embeds")
-    if not isinstance(ids, torch.Tensor):
         return None
     allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     slots = allowed.any(dim=2).any(dim=1)  # (B, S)
