@@ -33,7 +33,7 @@ mutate "kept queries placed after the key slots" src/routertune/routing/token_at
 mutate "cache batch ops not mirrored" src/routertune/routing/routes.py "        _mirror_batch_ops(cache, store)" "        pass"
 # Issue 11: a static cache's 4-D mask must still hand the padding to the routers.
 mutate "padding of a static cache's 4-D mask ignored" src/routertune/routing/attach.py \
-  "        mask = _padding_of_4d_mask(mask, args, kwargs)" "        pass" \
+  "else _padding_of_4d_mask(mask, args, kwargs)" "else None" \
   tests/test_families.py -k left_padded
 # Issue 11: a threshold that fixes the decision must not read it back from the device.
 mutate "fixed sequence decision read back from the device" src/routertune/routing/routes.py \
