@@ -22,6 +22,7 @@ Writes ``benchmarks/results/gpu_check.json`` (``--out``) and prints a summary.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -31,11 +32,11 @@ import torch
 
 from routertune import RouterConfig, attach_routers
 from routertune.benchmark import BenchSettings, build_random_model
-from routertune.benchmark.compiled import _deleted_copy, compiled_results_table, run_compiled_benchmark
+from routertune.benchmark.compiled import compiled_results_table, run_compiled_benchmark
 from routertune.benchmark.environment import environment
 from routertune.benchmark.suite import run_benchmark
 from routertune.benchmark.tables import results_table
-from routertune.benchmark.variants import force_skip
+from routertune.benchmark.variants import deleted_copy, force_skip
 from routertune.io_utils import atomic_write_text
 from routertune.routing.attach import detach_routers, router_parameters, set_thresholds
 
@@ -61,25 +62,19 @@ def exactness(model, device: torch.device, n: int = 16) -> dict[str, Any]:
     mask = torch.ones_like(ids)
     ids[1, :6], mask[1, :6] = 0, 0  # left padding
     ids, mask = ids.to(device), mask.to(device)
-    plain = detach_routers(_clone(model))
+    plain = detach_routers(copy.deepcopy(model))
     dense = _greedy(plain, ids, mask, n)
     set_thresholds(model, 0.0)
     routers_on = _greedy(model, ids, mask, n)
     skipped = force_skip(model, 0.5)
     skipping = _greedy(model, ids, mask, n)
-    deleted = _greedy(_deleted_copy(plain, skipped, "attn"), ids, mask, n)
+    deleted = _greedy(deleted_copy(plain, skipped, "attn"), ids, mask, n)
     return {
         "routers_on_equals_dense": bool(torch.equal(routers_on, dense)),
         "skipping_equals_deleted": bool(torch.equal(skipping, deleted)),
         "skipped_layers": skipped,
         "new_tokens": n,
     }
-
-
-def _clone(model):
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def train_step(preset: str, device: torch.device, dtype: torch.dtype, seq: int, batch: int) -> dict[str, Any]:

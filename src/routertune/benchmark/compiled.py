@@ -46,9 +46,8 @@ from routertune.benchmark.environment import environment, load_average
 from routertune.benchmark.settings import SCHEMA, BenchError, BenchSettings
 from routertune.benchmark.suite import _capacities, _oracle_layers
 from routertune.benchmark.timing import paired_median, synchronize, timed_generation
-from routertune.benchmark.variants import ZeroAttention, ZeroMLP, force_skip
+from routertune.benchmark.variants import deleted_copy, force_skip
 from routertune.kv_cache import kv_cache_bytes
-from routertune.routing.arch import arch_spec, decoder_layers
 from routertune.routing.attach import detach_routers, get_router_config, routed_layers, set_thresholds
 from routertune.routing.compiled import compile_kept_sublayers
 
@@ -65,18 +64,6 @@ COMPILED_METHOD = (
     "prefill eager into a StaticCache(context + new_tokens), then `new_tokens` greedy single-token forwards; "
     "compiled variants decode with torch.compile(model.forward, fullgraph=True) (inductor, default mode)"
 )
-
-
-def _deleted_copy(plain: nn.Module, layers: list[int], target: str) -> nn.Module:
-    spec = arch_spec(plain)
-    model = copy.deepcopy(plain)
-    blocks = decoder_layers(model)
-    for i in layers:
-        if target in ("attn", "block"):
-            setattr(blocks[i], spec.attention, ZeroAttention())
-        if target in ("mlp", "block"):
-            setattr(blocks[i], spec.mlp, ZeroMLP())
-    return model
 
 
 def _scored_copy(model: nn.Module, skipped: list[int]) -> nn.Module:
@@ -194,10 +181,9 @@ def run_compiled_benchmark(
     if forced is not None:
         scored = _Runner(_scored_copy(model, forced), True, backend, dynamic)
         runners["routed_scored_compiled"] = scored
-        runners["routed_scored_regions"] = _Runner(scored.model, True, backend, dynamic, regions=True)
-        runners[
-            "routed_scored_regions"
-        ].forward = scored.forward  # the same graph; regions switched at run time
+        # the same model and compiled forward (one graph); the regions are switched at run time
+        runners["routed_scored_regions"] = copy.copy(scored)
+        runners["routed_scored_regions"].regions = True
     oracles: dict[tuple[int, ...], _Runner] = {}  # by the layers deleted
     report: dict[str, Any] = {
         "schema": SCHEMA,
@@ -223,7 +209,7 @@ def run_compiled_benchmark(
             if reason is None:
                 if tuple(deleted) not in oracles:
                     oracles[tuple(deleted)] = _Runner(
-                        _deleted_copy(plain, deleted, config.target), True, backend
+                        deleted_copy(plain, deleted, config.target), True, backend
                     )
                 cell_runners["oracle_compiled"] = oracles[tuple(deleted)]
             cell = _compiled_cell(cell_runners, ids, settings, deleted, reason)

@@ -7,6 +7,7 @@ and the caches are shared and only the routing differs between timed runs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -81,19 +82,36 @@ def routers_detached(model: nn.Module) -> Iterator[nn.Module]:
                 layer.router.threshold = thresholds[i]
 
 
+def delete_sublayers(
+    plain: nn.Module, layers: Sequence[int], target: str
+) -> dict[tuple[int, str], nn.Module]:
+    """Replaces the ``target`` sub-layers of ``layers`` in the plain model (in place) by modules
+    that add nothing and store no KV; returns the removed modules by (layer, attribute name)."""
+    spec = arch_spec(plain)  # the family's own module names (self_attn, attention, ...)
+    names = {"attn": [spec.attention], "mlp": [spec.mlp], "block": [spec.attention, spec.mlp]}[target]
+    zeros = {spec.attention: ZeroAttention, spec.mlp: ZeroMLP}
+    saved: dict[tuple[int, str], nn.Module] = {}
+    blocks = decoder_layers(plain)
+    for i in layers:
+        for name in names:
+            saved[i, name] = getattr(blocks[i], name)
+            setattr(blocks[i], name, zeros[name]())
+    return saved
+
+
+def deleted_copy(plain: nn.Module, layers: Sequence[int], target: str) -> nn.Module:
+    """A copy of the plain model with the ``target`` sub-layers of ``layers`` deleted."""
+    model = copy.deepcopy(plain)
+    delete_sublayers(model, layers, target)
+    return model
+
+
 @contextlib.contextmanager
 def sublayers_deleted(model: nn.Module, layers: Sequence[int], target: str) -> Iterator[nn.Module]:
     """The plain model with the ``target`` sub-layers of ``layers`` deleted, for the block."""
     with routers_detached(model):
-        spec = arch_spec(model)  # the family's own module names (self_attn, attention, ...)
-        names = {"attn": [spec.attention], "mlp": [spec.mlp], "block": [spec.attention, spec.mlp]}[target]
-        zeros = {spec.attention: ZeroAttention, spec.mlp: ZeroMLP}
-        saved: dict[tuple[int, str], nn.Module] = {}
+        saved = delete_sublayers(model, layers, target)
         blocks = decoder_layers(model)
-        for i in layers:
-            for name in names:
-                saved[i, name] = getattr(blocks[i], name)
-                setattr(blocks[i], name, zeros[name]())
         try:
             yield model
         finally:

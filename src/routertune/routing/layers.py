@@ -108,14 +108,18 @@ class LayerRouting:
         self.order = torch.zeros(1)
         self.router: Router | None = None  # set by the attention wrapper
 
-    def static_decision(self) -> bool | None:
-        """True / False when every unit of this layer is kept / skipped whatever the data: the
-        threshold fixes it, and nobody observes the scores. A compiled graph then holds the
-        layer as plain or deleted (the decision is part of the model, like a deleted layer; the
-        graph guards on it), not as an op."""
-        if self.forced_keep is not None or self.observers or self.router is None:
+    def fixed_decision(self) -> bool | None:
+        """True / False when the threshold fixes every unit's decision (<= 0 keeps, > 1 skips)
+        and no forced decision replaces it; None when the scores decide."""
+        if self.forced_keep is not None or self.router is None:
             return None
         return self.router.fixed_decision
+
+    def static_decision(self) -> bool | None:
+        """The fixed decision, where nobody observes the scores either: a compiled graph then
+        holds the layer as plain or deleted (the decision is part of the model, like a deleted
+        layer; the graph guards on it), not as an op."""
+        return None if self.observers else self.fixed_decision()
 
     def notify(self, keep: torch.Tensor, scores: torch.Tensor | None, valid: torch.Tensor | None) -> None:
         for obs in self.observers:
@@ -162,6 +166,10 @@ class SubLayerWrapper(nn.Module):
                 raise
             return getattr(modules["base_layer"], name)
 
+    def _training(self) -> bool:
+        """Whether this forward trains the routers (gated, every unit computed)."""
+        return self.training and torch.is_grad_enabled()
+
     def _gate_here(self, part: str) -> bool:
         """Whether the training gate multiplies this sub-layer's output (else a branch-end module)."""
         return part not in self.routing.arch.branch_end
@@ -194,7 +202,7 @@ class RoutedAttention(SubLayerWrapper):
             )
         r.mask_sent = False
         cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
-        if torch.compiler.is_compiling() and not (self.training and torch.is_grad_enabled()):
+        if torch.compiler.is_compiling() and not self._training():
             return self._compiled_forward(hidden, token_mask, routing_mask, cache, args, kwargs)
         out = self.run_routed(hidden, token_mask, routing_mask, cache, args, kwargs)
         if isinstance(out, tuple):
@@ -205,10 +213,10 @@ class RoutedAttention(SubLayerWrapper):
         """What a compiled graph holds: the plain or deleted sub-layer where the threshold fixes
         the decision, else one opaque op (:mod:`routertune.routing.compiled`)."""
         static = self.routing.static_decision()
-        # a token layer that skips every query still writes every token's keys/values: an op
-        if static is True or (static is False and (not self.routes or self.routing.unit == "sequence")):
-            if static or not self.routes:
-                return self.base_layer(*args, **kwargs)
+        if static is True or (static is False and not self.routes):  # kept, or not routed (mlp_*)
+            return self.base_layer(*args, **kwargs)
+        # (a token layer that skips every query still writes every token's keys/values: an op)
+        if static is False and self.routing.unit == "sequence":
             return (torch.zeros_like(hidden), *([None] * (self.output_arity - 1)))
         return compiled.call_routed_attention(self, hidden, token_mask, routing_mask, cache, args, kwargs)
 
@@ -223,12 +231,14 @@ class RoutedAttention(SubLayerWrapper):
             decide_on = _decision_tokens(valid, _valid_tokens(routing_mask, B, T))
         else:
             decide_on = valid
-        if self.training and torch.is_grad_enabled():
+        if self._training():
             r.decision = self._gated(hidden, decide_on)
         elif r.unit == "sequence":
             r.decision = Decision(route=self._sequence_route(hidden, decide_on, cache))
         else:
-            r.decision = Decision(keep=self._fixed_or_scored(hidden, decide_on, (B, T)), fixed=self._fixed())
+            r.decision = Decision(
+                keep=self._fixed_or_scored(hidden, decide_on, (B, T)), fixed=self.routing.fixed_decision()
+            )
         if not self.routes:
             return self.base_layer(*args, **kwargs)
         return self._run(r.decision, hidden, cache, args, kwargs)
@@ -247,15 +257,11 @@ class RoutedAttention(SubLayerWrapper):
             keep = keep & valid  # padding tokens never need computing
         return keep
 
-    def _fixed(self) -> bool | None:
-        """True / False when the threshold fixes every unit's decision (<= 0 keeps, > 1 skips)."""
-        return self.router.fixed_decision if self.routing.forced_keep is None else None
-
     def _fixed_or_scored(self, x, valid, shape) -> torch.Tensor:
         """The decision, without scoring where the threshold fixes it."""
         r = self.routing
         keep = None
-        fixed = self._fixed()
+        fixed = r.fixed_decision()
         if fixed is not None:
             keep = torch.full(shape, fixed, dtype=torch.bool, device=x.device)
         if keep is None or r.observers:
@@ -269,7 +275,9 @@ class RoutedAttention(SubLayerWrapper):
         idx = self.routing.layer_idx
         if store is not None and idx in store:
             return store[idx]  # decided at prefill; reused for every decode step
-        route = SequenceRoute.from_keep(self._fixed_or_scored(x, valid, (x.shape[0],)), fixed=self._fixed())
+        route = SequenceRoute.from_keep(
+            self._fixed_or_scored(x, valid, (x.shape[0],)), fixed=self.routing.fixed_decision()
+        )
         if store is not None:
             store[idx] = route
         return route
@@ -331,12 +339,7 @@ class RoutedMLP(SubLayerWrapper):
     """The layer's MLP, skipped on the decision its attention wrapper made in this forward."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if (
-            torch.compiler.is_compiling()
-            and not args
-            and not kwargs
-            and not (self.training and torch.is_grad_enabled())
-        ):
+        if torch.compiler.is_compiling() and not args and not kwargs and not self._training():
             static = self.routing.static_decision()
             if static is not None:  # kept / skipped by the threshold: plain or deleted in the graph
                 return self.base_layer(x) if static else torch.zeros_like(x)
@@ -381,7 +384,7 @@ class BranchGate(SubLayerWrapper):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
-        if not (self.training and torch.is_grad_enabled()):
+        if not self._training():
             return out  # the gate exists only in training (read nothing a compiled graph would guard on)
         d = self.routing.decision
         if d is not None and d.gate is not None:
