@@ -28,7 +28,9 @@ def _root() -> None:
 
 
 # Order is the order shown in --help.
-COMMAND_MODULES = ("quickstart", "generate", "data", "train", "evaluate", "bench", "calibrate", "drop", "analyze")
+COMMAND_MODULES = (
+    "quickstart", "generate", "data", "train", "evaluate", "bench", "calibrate", "drop", "analyze", "serve",
+)  # fmt: skip
 
 
 def _register_commands() -> None:
