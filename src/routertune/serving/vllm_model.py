@@ -95,6 +95,10 @@ class RouteBook:
                     return table[key]
         return None
 
+    def tokens_attended(self) -> dict[int, int]:
+        """Routed layer -> tokens whose attention it computed so far."""
+        return {w.layer_idx: w.tokens_attended for w in _WRAPPERS.values() if w.book is self}
+
     def step(self, ctx: Any, meta: Any) -> Step:
         """The requests of the current forward pass, worked out once per pass."""
         if self._ctx is ctx and self._step is not None:
@@ -159,7 +163,10 @@ class RoutedSelfAttention(nn.Module):
         self.book = book
         self.attn_name: str = base_layer.attn.layer_name
         self.model_dtype = model_dtype
-        self.router_weight: torch.Tensor | None = None  # (1, hidden) float32, set by load_routers
+        self.router_weight: torch.Tensor | None = None  # (1, hidden) float32, set by _attach
+        # Tokens whose attention this layer computed (and whose KV it wrote) in real steps: what
+        # the tests check skipping against, and what the benchmark reports.
+        self.tokens_attended = 0
         _WRAPPERS[self.attn_name] = self
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -177,6 +184,7 @@ class RoutedSelfAttention(nn.Module):
         step = self.book.step(ctx, meta)
         keep = self._decide(step, hidden_states)
         if all(keep):
+            self.tokens_attended += step.starts[-1]
             return self.base_layer(positions, hidden_states)
         out = torch.zeros_like(hidden_states)
         kept = [r for r, k in enumerate(keep) if k]
@@ -185,6 +193,7 @@ class RoutedSelfAttention(nn.Module):
         sub_meta, tokens = slice_attention_metadata(
             meta, step.starts, kept, self.base_layer.attn, self.model_dtype
         )
+        self.tokens_attended += int(tokens.numel())
         slots = ctx.slot_mapping
         full_slots = slots.get(self.attn_name)
         metas[self.attn_name] = sub_meta
