@@ -45,3 +45,14 @@ mutate "compiled routed attention traced instead of an op" src/routertune/routin
   "        return compiled.call_routed_attention(self, hidden, token_mask, routing_mask, cache, args, kwargs)" \
   "        return self.run_routed(hidden, token_mask, routing_mask, cache, args, kwargs)" \
   tests/test_compile.py -k "one_graph or recipe"
+# Issue 15 (vLLM serving): under vLLM's compilation the route must run inside the opaque op; traced
+# as Python, the warm-up trace's branch is frozen for every request.
+mutate "vLLM routed attention traced instead of an op" src/routertune/serving/vllm_model.py \
+  "        return torch.ops.routertune_vllm.routed_attention(positions, hidden_states, self.op_key)" \
+  "        return self.run(positions, hidden_states)" \
+  tests/test_serve_vllm.py -k "compiled"
+# A mixed step computed for the whole batch: the skipping requests get attention (and KV) they
+# must not; the equality and the work-done tests must both see it.
+mutate "vLLM mixed step attends every request" src/routertune/serving/vllm_model.py \
+  "        if all(keep):" "        if all(keep) or len(keep) > 1:" \
+  tests/test_serve_vllm.py -k "not_computed or equals"

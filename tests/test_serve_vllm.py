@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNNER = Path(__file__).with_name("vllm_runner.py")
 SERVED_FAMILIES = ("llama", "mistral", "qwen2")
 MAX_TOKENS = 8
+LONG_TOKENS = 30
 # Decisions closer than this to the threshold could flip between two correct implementations
 # (vLLM's and transformers' kernels round differently); the test data keep clear of it.
 DECISION_MARGIN = 1e-3
@@ -104,7 +105,7 @@ def prompts(seed: int, n: int = 6) -> list[list[int]]:
     return [torch.randint(3, 320, (int(5 + 2 * i),), generator=g).tolist() for i in range(n)]
 
 
-def reference(model, prompt: list[int], threshold: float | None) -> dict:
+def reference(model, prompt: list[int], threshold: float | None, max_tokens: int = MAX_TOKENS) -> dict:
     """routertune's transformers greedy output for one request alone, with its route and the
     smallest distance of its router scores to the threshold."""
     layers = routed_layers(model)
@@ -123,7 +124,7 @@ def reference(model, prompt: list[int], threshold: float | None) -> dict:
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=MAX_TOKENS,
+            max_new_tokens=max_tokens,
             do_sample=False,
             return_dict_in_generate=True,
         )
@@ -161,7 +162,16 @@ def build_family(arch: str, root: Path) -> dict:
         for p, c in zip(ps, controls, strict=True)
     ]
     refs = [reference(model, p, t) for p, t in zip(ps, thresholds, strict=True)]
+    # Longer requests for a KV cache too small to hold them all: vLLM preempts and recomputes.
+    long_prompts = [
+        torch.randint(3, 320, (20 + i,), generator=torch.Generator().manual_seed(3 + i)).tolist()
+        for i in range(6)
+    ]
+    long = [{"prompt": p, "max_tokens": LONG_TOKENS} for p in long_prompts]
+    long_refs = [reference(model, p, None, LONG_TOKENS) for p in long_prompts]
     return {
+        "long": long,
+        "long_refs": long_refs,
         "model": model,
         "plain_dir": plain_dir,
         "served_dir": served_dir,
@@ -293,7 +303,7 @@ def vllm_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
     families = {arch: build_family(arch, root) for arch in SERVED_FAMILIES}
     for arch, fam in families.items():
-        tight = min(r["margin"] for r in fam["refs"])
+        tight = min(r["margin"] for r in fam["refs"] + (fam["long_refs"] if arch == "llama" else []))
         assert tight > DECISION_MARGIN, (
             f"{arch}: a router score lies {tight:.2e} from its threshold (test data)"
         )
@@ -309,6 +319,11 @@ def vllm_results(tmp_path_factory):
     engines.append({"model": str(llama["served_dir"]), "batches": {**llama_batches, "dense": dense_requests}})
     engines.append({"model": str(llama["plain_dir"]), "routed": False, "batches": {"plain": llama["mixed"]}})
     engines.append({"model": str(llama["served_dir"]), "compile": True, "batches": {"mixed": llama["mixed"]}})
+    # 6 requests of up to 25 + 30 tokens need 12 blocks of 32 at the end; 8 exist.
+    small_cache = {"block_size": 32, "num_gpu_blocks_override": 8}
+    engines.append(
+        {"model": str(llama["served_dir"]), "engine_args": small_cache, "batches": {"long": llama["long"]}}
+    )
     spec, result = root / "spec.json", root / "result.json"
     spec.write_text(json.dumps({"engines": engines}))
     run = subprocess.run(
@@ -321,7 +336,7 @@ def vllm_results(tmp_path_factory):
     (root / "runner.log").write_text(run.stderr)
     assert run.returncode == 0, run.stderr[-6000:]
     out = json.loads(result.read_text())
-    names = [a for a in SERVED_FAMILIES if a != "llama"] + ["llama", "plain", "compiled"]
+    names = [a for a in SERVED_FAMILIES if a != "llama"] + ["llama", "plain", "compiled", "preempted"]
     return families, dict(zip(names, out, strict=True)), dict(zip(names, engines, strict=True))
 
 
@@ -388,6 +403,29 @@ def test_vllm_compiled_routed_equals_eager(vllm_results):
     families, results, _ = vllm_results
     fam = families["llama"]
     _check_against_reference(fam, results["compiled"]["batches"]["mixed"], list(range(len(fam["mixed"]))))
+
+
+@pytest.mark.integration
+def test_vllm_preempted_requests_keep_their_route(vllm_results):
+    """A KV cache too small for the batch: vLLM preempts requests and prefills them again later
+    (prompt + the tokens generated so far). The held route makes the output the same as alone."""
+    families, results, engines = vllm_results
+    fam = families["llama"]
+    got = results["preempted"]["batches"]["long"]
+    for r, (tokens, route) in enumerate(zip(got["tokens"], got["routes"], strict=True)):
+        assert tokens == fam["long_refs"][r]["tokens"], f"request {r}"
+        assert route["skipped_layers"] == fam["long_refs"][r]["skipped"], f"request {r}"
+    without_preemption = {
+        i: sum(
+            len(q["prompt"]) + LONG_TOKENS - 1
+            for q, ref in zip(fam["long"], fam["long_refs"], strict=True)
+            if i not in ref["skipped"]
+        )
+        for i in fam["routed"]
+    }
+    attended = {int(k): v for k, v in results["preempted"]["tokens_attended"].items()}
+    # Recomputation after preemption attends more tokens than one pass would: it happened.
+    assert sum(attended.values()) > sum(without_preemption.values())
 
 
 def _free_port() -> int:

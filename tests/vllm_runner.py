@@ -2,7 +2,7 @@
 
     .venv-serve/bin/python tests/vllm_runner.py SPEC.json RESULT.json
 
-SPEC: {"engines": [{"model": FOLDER, "routed": bool, "compile": bool,
+SPEC: {"engines": [{"model": FOLDER, "routed": bool, "compile": bool, "engine_args": {...},
                     "batches": {NAME: [{"prompt": [ids], "max_tokens": n, "extra_args": {...}}]}}]}
 Each batch is one ``generate`` call (its requests share steps). RESULT, per engine: for each batch
 the greedy tokens and (routed engines) each request's routes, plus the tokens each routed layer
@@ -30,6 +30,7 @@ def run_engine(engine: dict) -> dict:
         seed=0,
         skip_tokenizer_init=True,
         enforce_eager=not engine.get("compile", False),
+        **engine.get("engine_args", {}),
     )
     routed = engine.get("routed", True)
     llm = LLM(**(engine_kwargs(**kwargs) if routed else kwargs))
@@ -52,7 +53,7 @@ def run_engine(engine: dict) -> dict:
             entry["routes"] = [routes[o.request_id] for o in outputs]
         out["batches"][name] = entry
     if routed:
-        out["tokens_attended"] = llm.collective_rpc("routertune_tokens_attended")[0]
+        out["tokens_attended"] = llm.collective_rpc("routertune_stats")[0]["tokens_attended"]
     del llm
     gc.collect()
     return out

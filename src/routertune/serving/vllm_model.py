@@ -22,6 +22,7 @@ import dataclasses
 import importlib
 import logging
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -39,20 +40,29 @@ logger = logging.getLogger("routertune.serving")
 # Routes of finished requests kept for reporting (collective_rpc "routertune_routes").
 FINISHED_ROUTES_KEPT = 4096
 
-# Per process: the attention layer name -> its wrapper, for the custom op to find it.
+# Per process: the op's key -> its wrapper, for the custom op to find it. The key is the attention
+# layer's name behind the routed model's number in this process: stable across runs (vLLM may cache
+# compiled graphs, which hold it as a constant), distinct when one process holds two models.
 _WRAPPERS: dict[str, RoutedSelfAttention] = {}
+_MODELS_BUILT = 0
 
 
 class RouteBook:
     """Each request's route (routed layer -> kept), shared by the routed layers of one model."""
 
     def __init__(self, thresholds: dict[int, float]) -> None:
+        global _MODELS_BUILT
+        self.model_number = _MODELS_BUILT
+        _MODELS_BUILT += 1
         self.thresholds = thresholds
         self.runner: Any = None
         self.routes: dict[str, dict[int, bool]] = {}
         self.finished: OrderedDict[str, dict[int, bool]] = OrderedDict()
         self._ctx: Any = None
         self._step: Step | None = None
+        # The current pass's sliced metadata by (metadata object, kept requests): layers with the
+        # same route in one pass share one slice (the metadata object is shared by a KV group).
+        self._slices: dict[tuple, tuple[Any, torch.Tensor]] = {}
 
     def bind(self, runner: Any) -> None:
         if not hasattr(runner, "input_batch") or not hasattr(runner, "requests"):
@@ -95,19 +105,21 @@ class RouteBook:
                     return table[key]
         return None
 
-    def tokens_attended(self) -> dict[int, int]:
-        """Routed layer -> tokens whose attention it computed so far."""
-        return {w.layer_idx: w.tokens_attended for w in _WRAPPERS.values() if w.book is self}
+    def stats(self) -> dict[str, Any]:
+        """Since start, over real steps: each routed layer's tokens attended (whose KV it wrote),
+        and the seconds spent in the routed ops and, inside them, in vLLM's attention modules (the
+        difference is routing: decisions, metadata slicing, gather and scatter)."""
+        wrappers = [w for w in _WRAPPERS.values() if w.book is self]
+        return {
+            "tokens_attended": {w.layer_idx: w.tokens_attended for w in wrappers},
+            "op_seconds": sum(w.op_seconds for w in wrappers),
+            "attention_seconds": sum(w.attention_seconds for w in wrappers),
+        }
 
     def step(self, ctx: Any, meta: Any) -> Step:
         """The requests of the current forward pass, worked out once per pass."""
         if self._ctx is ctx and self._step is not None:
             return self._step
-        if self.runner is None:
-            raise ServingError(
-                "the routed model has no request identities: start vLLM with "
-                "--worker-cls routertune.serving.vllm_worker.RoutedWorker (routertune serve does)"
-            )
         batch = self.runner.input_batch
         num_reqs = batch.num_reqs
         starts = meta.query_start_loc[: num_reqs + 1].tolist()
@@ -130,7 +142,17 @@ class RouteBook:
             self.routes[rid] = {}
             new.append(True)
         self._ctx, self._step = ctx, Step(req_ids, starts, new, controls)
+        self._slices = {}
         return self._step
+
+    def sliced(
+        self, meta: Any, kept: list[int], attn: nn.Module, dtype: torch.dtype
+    ) -> tuple[Any, torch.Tensor]:
+        """``slice_attention_metadata`` for the current pass, computed once per kept set."""
+        key = (id(meta), tuple(kept), attn.impl.sliding_window, attn.impl.num_heads)
+        if key not in self._slices:
+            self._slices[key] = slice_attention_metadata(meta, self._step.starts, kept, attn, dtype)
+        return self._slices[key]
 
 
 @dataclasses.dataclass
@@ -167,40 +189,61 @@ class RoutedSelfAttention(nn.Module):
         # Tokens whose attention this layer computed (and whose KV it wrote) in real steps: what
         # the tests check skipping against, and what the benchmark reports.
         self.tokens_attended = 0
-        _WRAPPERS[self.attn_name] = self
+        self.op_seconds = 0.0
+        self.attention_seconds = 0.0
+        self.op_key = f"{book.model_number}:{self.attn_name}"
+        _WRAPPERS[self.op_key] = self
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        return torch.ops.routertune_vllm.routed_attention(positions, hidden_states, self.attn_name)
+        return torch.ops.routertune_vllm.routed_attention(positions, hidden_states, self.op_key)
 
     def run(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """The op's body: decide (new requests), then attend for the kept requests only."""
         from vllm.forward_context import get_forward_context
 
+        if self.book.runner is None:  # checked on vLLM's first (profiling) pass, before any request
+            raise ServingError(
+                "the routed model has no request identities: start vLLM with "
+                "--worker-cls routertune.serving.vllm_worker.RoutedWorker (routertune serve does)"
+            )
         ctx = get_forward_context()
         metas = ctx.attn_metadata
         meta = metas.get(self.attn_name) if isinstance(metas, dict) else None
         if meta is None:  # vLLM's profiling and warm-up passes carry no requests
             return self.base_layer(positions, hidden_states)
+        start = time.perf_counter()
+        try:
+            return self._route(ctx, meta, positions, hidden_states)
+        finally:
+            self.op_seconds += time.perf_counter() - start
+
+    def _attend(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.base_layer(positions, hidden_states)
+        self.attention_seconds += time.perf_counter() - start
+        return out
+
+    def _route(
+        self, ctx: Any, meta: Any, positions: torch.Tensor, hidden_states: torch.Tensor
+    ) -> torch.Tensor:
         step = self.book.step(ctx, meta)
         keep = self._decide(step, hidden_states)
         if all(keep):
             self.tokens_attended += step.starts[-1]
-            return self.base_layer(positions, hidden_states)
+            return self._attend(positions, hidden_states)
         out = torch.zeros_like(hidden_states)
         kept = [r for r, k in enumerate(keep) if k]
         if not kept:
             return out
-        sub_meta, tokens = slice_attention_metadata(
-            meta, step.starts, kept, self.base_layer.attn, self.model_dtype
-        )
+        sub_meta, tokens = self.book.sliced(meta, kept, self.base_layer.attn, self.model_dtype)
         self.tokens_attended += int(tokens.numel())
-        slots = ctx.slot_mapping
+        metas, slots = ctx.attn_metadata, ctx.slot_mapping
         full_slots = slots.get(self.attn_name)
         metas[self.attn_name] = sub_meta
         if full_slots is not None:
             slots[self.attn_name] = full_slots[tokens]
         try:
-            out[tokens] = self.base_layer(positions[tokens], hidden_states[tokens])
+            out[tokens] = self._attend(positions[tokens], hidden_states[tokens])
         finally:
             metas[self.attn_name] = meta
             if full_slots is not None:
@@ -291,13 +334,11 @@ def slice_attention_metadata(
     return sub, tokens
 
 
-def _routed_attention(positions: torch.Tensor, hidden_states: torch.Tensor, layer_name: str) -> torch.Tensor:
-    return _WRAPPERS[layer_name].run(positions, hidden_states)
+def _routed_attention(positions: torch.Tensor, hidden_states: torch.Tensor, op_key: str) -> torch.Tensor:
+    return _WRAPPERS[op_key].run(positions, hidden_states)
 
 
-def _routed_attention_fake(
-    positions: torch.Tensor, hidden_states: torch.Tensor, layer_name: str
-) -> torch.Tensor:
+def _routed_attention_fake(positions: torch.Tensor, hidden_states: torch.Tensor, op_key: str) -> torch.Tensor:
     return torch.empty_like(hidden_states)
 
 
@@ -322,7 +363,15 @@ _register_op()
 
 
 def _check_engine_config(vllm_config: Any) -> None:
+    from vllm.platforms import current_platform
+
     problems = []
+    if not current_platform.is_cpu():
+        # A mixed step runs the attention on a slice of the batch's metadata, written for the CPU
+        # backend only; other backends (and CUDA graphs around the op) are not done yet.
+        problems.append(
+            f"routed serving runs on vLLM's CPU backend only (this platform: {current_platform.device_name})"
+        )
     if vllm_config.cache_config.enable_prefix_caching:
         problems.append(
             "prefix caching is on (a cached block of a skipping request lacks KV in its skipped layers): --no-enable-prefix-caching"

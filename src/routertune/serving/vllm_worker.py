@@ -4,8 +4,8 @@
   request each token range belongs to (the model itself sees only a flat token batch);
 * before each step, the routes of requests the scheduler finished are moved to a bounded record;
 * ``routertune_routes(request_ids)``, called through ``LLM.collective_rpc`` / the engine client,
-  reports each request's routed and skipped layers; ``routertune_tokens_attended()`` how many
-  tokens each routed layer attended.
+  reports each request's routed and skipped layers; ``routertune_stats()`` how many tokens each
+  routed layer attended and the time spent routing.
 
     vllm serve FOLDER --worker-cls routertune.serving.vllm_worker.RoutedWorker
 """
@@ -44,10 +44,10 @@ class RoutedWorker(_PlatformWorker):
             return {rid: None for rid in request_ids}
         return book.report(request_ids)
 
-    def routertune_tokens_attended(self) -> dict[int, int]:
-        """Routed layer -> tokens whose attention it computed (and KV it wrote) so far."""
+    def routertune_stats(self) -> dict[str, Any]:
+        """Tokens attended per routed layer and the time in the routed ops (RouteBook.stats)."""
         book = self._routertune_book()
-        return {} if book is None else book.tokens_attended()
+        return {} if book is None else book.stats()
 
     def _routertune_book(self) -> Any:
         return route_book_of(self.model_runner.get_model())
