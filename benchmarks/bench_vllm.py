@@ -123,6 +123,9 @@ def engine_main(conn, name: str, folder: str, kwargs: dict) -> None:
         cmd = conn.recv()
         if cmd is None:
             break
+        if cmd == "stats":  # routertune's counters (routed engine): time in the ops and in attention
+            conn.send(llm.collective_rpc("routertune_stats")[0])
+            continue
         params = []
         for extra in cmd["extra_args"]:
             params.append(
@@ -154,6 +157,10 @@ class Engine:
 
     def generate(self, prompts, max_tokens: int, extra_args) -> dict:
         self.conn.send({"prompts": prompts, "max_tokens": max_tokens, "extra_args": extra_args})
+        return self.conn.recv()
+
+    def stats(self) -> dict:
+        self.conn.send("stats")
         return self.conn.recv()
 
     def close(self) -> None:
@@ -244,8 +251,15 @@ def main() -> None:
                     engine = engines[VARIANTS[variant]]
                     extra = variant_args(variant, batch)
                     first = engine.generate(prompts, 1, extra)
+                    before = engine.stats() if VARIANTS[variant] == "routed" else None
                     full = engine.generate(prompts, args.new_tokens, extra)
-                    runs[variant].append((first["wall_s"], full["wall_s"], full["cpu_s"]))
+                    routing = None
+                    if before is not None:  # seconds routing (in the ops, outside vLLM's attention)
+                        after = engine.stats()
+                        routing = (after["op_seconds"] - after["attention_seconds"]) - (
+                            before["op_seconds"] - before["attention_seconds"]
+                        )
+                    runs[variant].append((first["wall_s"], full["wall_s"], full["cpu_s"], routing))
                     tokens[variant] = full["tokens"]
             cell = {"context": context, "batch": batch, "new_tokens": args.new_tokens, "variants": {}}
             for variant, rs in runs.items():
@@ -258,6 +272,9 @@ def main() -> None:
                     "output_tok_s": batch * args.new_tokens / total,
                     "decode_tok_s": decode,
                     "cpu_s": statistics.median(r[2] for r in rs),
+                    # Share of the generate's time spent routing (decisions, slicing, gather and
+                    # scatter, op dispatch); routed-engine variants only.
+                    "routing_share": None if rs[0][3] is None else statistics.median(r[3] / r[1] for r in rs),
                     "runs": rs,
                 }
             cell["routed_tokens_equal_oracle"] = tokens["routed"] == tokens["oracle"]
@@ -337,6 +354,19 @@ def markdown(record: dict) -> str:
             f"{v['dense']['ttft_s']:.2f} | {v['routed']['ttft_s'] / v['dense']['ttft_s']:.3f} / "
             f"{v['oracle']['ttft_s'] / v['dense']['ttft_s']:.3f} |"
         )
+    shares = [
+        f"{c['context']} x {c['batch']}: routed {c['variants']['routed']['routing_share']:.3f}, mixed "
+        f"{c['variants']['mixed']['routing_share']:.3f}, routers-on {c['variants']['routers_on']['routing_share']:.3f}"
+        for c in record["cells"]
+        if c["variants"]["routed"].get("routing_share") is not None
+    ]
+    if shares:
+        lines += [
+            "",
+            "Share of the generate time spent routing (inside the ops, outside vLLM's attention): "
+            + "; ".join(shares)
+            + ".",
+        ]
     lines += [
         "",
         "Routed tokens = oracle tokens in every cell: "

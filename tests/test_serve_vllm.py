@@ -256,6 +256,14 @@ def test_request_arguments_are_checked():
             parse_request_routing(bad)
 
 
+def test_other_vllm_releases_are_refused_by_name():
+    from routertune.serving.plugin import check_vllm_version
+
+    check_vllm_version("0.32.0")
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.x; this environment has vLLM 0\.33\.1"):
+        check_vllm_version("0.33.1")
+
+
 def test_serve_cli_refuses_bad_input_before_starting(tmp_path):
     fam = build_family("llama", tmp_path)
     cli = [sys.executable, "-m", "routertune", "serve", "--model", str(fam["plain_dir"])]
@@ -319,8 +327,8 @@ def vllm_results(tmp_path_factory):
     engines.append({"model": str(llama["served_dir"]), "batches": {**llama_batches, "dense": dense_requests}})
     engines.append({"model": str(llama["plain_dir"]), "routed": False, "batches": {"plain": llama["mixed"]}})
     engines.append({"model": str(llama["served_dir"]), "compile": True, "batches": {"mixed": llama["mixed"]}})
-    # 6 requests of up to 25 + 30 tokens need 12 blocks of 32 at the end; 8 exist.
-    small_cache = {"block_size": 32, "num_gpu_blocks_override": 8}
+    # 6 requests of up to 25 + 30 tokens need 12 blocks of 32 at the end; 8 usable (vLLM keeps one).
+    small_cache = {"block_size": 32, "num_gpu_blocks_override": 9}
     engines.append(
         {"model": str(llama["served_dir"]), "engine_args": small_cache, "batches": {"long": llama["long"]}}
     )
