@@ -348,7 +348,7 @@ def _register_op() -> None:
     global _LIB
     if hasattr(torch.ops.routertune_vllm, "routed_attention"):
         return
-    _LIB = torch.library.Library("routertune_vllm", "FRAGMENT")  # noqa: F841 (the op lives as long as this)
+    _LIB = torch.library.Library("routertune_vllm", "FRAGMENT")  # the op lives as long as this object
     direct_register_custom_op(
         op_name="routed_attention",
         op_func=_routed_attention,
@@ -411,7 +411,7 @@ def _attach(model: nn.Module, vllm_config: Any) -> RouteBook:
         wrapper = RoutedSelfAttention(decoder.self_attn, i, book, vllm_config.model_config.dtype)
         wrapper.router_weight = w
         decoder.self_attn = wrapper
-    model._routertune_pending_weights = weights
+    model._routertune_routed_layers = sorted(weights)
     logger.info("routertune: attn_sequence routers on layers %s (from %s)", sorted(weights), routers_dir)
     return book
 
@@ -432,7 +432,7 @@ def _routed_class(hf_architecture: str) -> type:
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # The checkpoint names a routed layer's attention "...self_attn.x"; it now lives in
         # "...self_attn.base_layer.x".
-        pattern = _wrapped_names(self._routertune_pending_weights)
+        pattern = _wrapped_names(self._routertune_routed_layers)
         renamed = ((pattern.sub(r"\1base_layer.", name), w) for name, w in weights)
         loaded = base.load_weights(self, renamed)
         device = next(self.parameters()).device
