@@ -127,9 +127,9 @@ class RouteBook:
         new, controls = [], []
         for r, rid in enumerate(req_ids):
             state = self.runner.requests[rid]
-            controls.append(_request_routing(rid, state.sampling_params))
-            if rid in self.routes:
+            if rid in self.routes:  # held: its controls were read when its route was decided
                 new.append(False)
+                controls.append(None)
                 continue
             prompt_len = len(state.prompt_token_ids or ())
             if state.num_computed_tokens != 0 or starts[r + 1] - starts[r] != prompt_len:
@@ -141,6 +141,7 @@ class RouteBook:
                 )
             self.routes[rid] = {}
             new.append(True)
+            controls.append(_request_routing(rid, state.sampling_params))
         self._ctx, self._step = ctx, Step(req_ids, starts, new, controls)
         self._slices = {}
         return self._step
@@ -160,7 +161,7 @@ class Step:
     req_ids: list[str]
     starts: list[int]  # query_start_loc on the host: request r's tokens are starts[r]:starts[r + 1]
     new: list[bool]  # the request's route is decided in this step (its prompt is here)
-    controls: list[RequestRouting]
+    controls: list[RequestRouting | None]  # for new requests only
 
 
 def _request_routing(rid: str, sampling_params: Any) -> RequestRouting:
