@@ -17,6 +17,7 @@ from routertune.routing.attach import (
     router_parameters,
     set_thresholds,
 )
+from routertune.routing.config import RouterConfigError
 from routertune.routing.observe import track_capacity
 
 from helpers import VOCAB, left_padded_batch, randomize_routers, tiny_model, without_sublayers
@@ -320,6 +321,34 @@ def test_all_units_kept_is_the_dense_model_and_restores_thresholds():
     with torch.no_grad(), all_units_kept(model):
         assert torch.equal(model(ids).logits, ref)
     assert all(layer.router.threshold == 1.5 for layer in routed_layers(model).values())
+
+
+@pytest.mark.parametrize("granularity", ["attn_sequence", "block_sequence"])
+def test_forced_routes_skip_each_rows_units_as_that_row_alone(arch, granularity):
+    """Per-row forced routes (the headroom oracle's) = each row run alone with its layers skipped."""
+    from routertune.routing.attach import forced_routes
+
+    model = tiny_model(arch)
+    attach_routers(model, RouterConfig(granularity=granularity, router_layers=2, threshold=0.0))
+    layers = sorted(routed_layers(model))
+    ids, mask, _ = left_padded_batch([9, 6, 7])
+    keep = {layers[0]: torch.tensor([True, False, False]), layers[1]: torch.tensor([False, True, False])}
+    with torch.no_grad(), forced_routes(model, keep):
+        got = model(input_ids=ids, attention_mask=mask).logits
+    for row in range(3):
+        alone = ids[row : row + 1, -int(mask[row].sum()) :]
+        set_thresholds(model, {i: 0.0 if keep[i][row] else 2.0 for i in layers})
+        with torch.no_grad():
+            want = model(input_ids=alone).logits
+        torch.testing.assert_close(got[row, -alone.shape[1] :], want[0], rtol=1e-4, atol=1e-4)
+    set_thresholds(model, 0.0)
+    assert all(layer.routing.forced_keep is None for layer in routed_layers(model).values())
+    with pytest.raises(RouterConfigError, match="no router"):
+        with forced_routes(model, {0: torch.ones(3, dtype=torch.bool)}):
+            pass
+    with pytest.raises(RouterConfigError, match="bool tensor of shape"):
+        with forced_routes(model, {layers[0]: torch.ones(3, 4, dtype=torch.bool)}):
+            pass
 
 
 @pytest.mark.parametrize("granularity", ["attn_token", "attn_sequence", "block_token"])

@@ -45,12 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         NonFiniteLossError,
         FileNotFoundError,
     )
+    from routertune.launch import leave_together
+
     try:
         config = parse_args(sys.argv[1:] if argv is None else list(argv))
         run(config)
     except expected as exc:
         print(f"Error: {exc}", file=sys.stderr, flush=True)
         return 1
+    leave_together()
     return 0
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "attach_routers",
     "capacity_regularizer",
     "detach_routers",
+    "forced_routes",
     "get_router_config",
     "plain_parameter_names",
     "require_config",
@@ -334,6 +335,39 @@ def all_units_kept(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for i, layer in layers.items():
             layer.router.threshold = saved[i]
+
+
+@contextlib.contextmanager
+def forced_routes(model: nn.Module, keep: dict[int, torch.Tensor]) -> Iterator[nn.Module]:
+    """Temporarily replaces the routers' decisions in the given layers by ``keep``.
+
+    ``keep`` maps routed layer index -> bool tensor: ``(B,)`` for ``*_sequence`` routers (one
+    decision per row of the batch), ``(B, T)`` for ``*_token`` ones. The forward then skips
+    exactly those units, with the same code as a router's decision (skipped rows are not
+    computed). Layers not named decide as usual. For analysis: the per-example oracle of
+    ``benchmarks/headroom.py``, hand-made routes. Not for training (no gate gradient).
+    """
+    layers = routed_layers(model)
+    if not layers:
+        raise RouterConfigError("this model has no routers; call attach_routers or load_routers first")
+    unknown = sorted(set(keep) - set(layers))
+    if unknown:
+        raise RouterConfigError(f"layers {unknown} have no router (routed layers: {sorted(layers)})")
+    unit = require_config(model).unit
+    for idx, value in keep.items():
+        if value.dtype != torch.bool or value.dim() != (1 if unit == "sequence" else 2):
+            raise RouterConfigError(
+                f"layer {idx}: a forced {unit} route is a bool tensor of shape "
+                f"{'(batch,)' if unit == 'sequence' else '(batch, tokens)'}; "
+                f"got {value.dtype} {tuple(value.shape)}"
+            )
+    for idx, value in keep.items():
+        layers[idx].routing.forced_keep = value
+    try:
+        yield model
+    finally:
+        for idx in keep:
+            layers[idx].routing.forced_keep = None
 
 
 def require_config(model: nn.Module) -> RouterConfig:
