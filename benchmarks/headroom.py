@@ -1,7 +1,7 @@
 """Headroom of per-input routing: an oracle that knows each example's cheapest attention layers
 against the best static drop of the same compute, on held-out instruction examples.
 
-    OMP_NUM_THREADS=2 python benchmarks/headroom.py                 # about 35 min on 2 cores
+    OMP_NUM_THREADS=2 python benchmarks/headroom.py                 # about 40 min on 2 cores
     OMP_NUM_THREADS=2 python benchmarks/headroom.py --no_greedy     # the additive choices only
     -> benchmarks/results/headroom.{json,md}
 
@@ -24,11 +24,13 @@ learned router can (a router sees less: the prompt, not the answer). The measure
    - ``drop``: routertune's attention drop (least ``1 - cos(h, h + attn)`` on the fit split).
    - ``static``: the k units of least mean single-unit KL on the fit split.
    - ``static_greedy``: units added one at a time, each the one whose addition gives the least
-     mean real KL on the fit split (the best static set a search can find).
+     mean real KL on the fit split (the best static set a search can find), trying the
+     ``--greedy_width`` units of least mean single-unit KL at each step.
    - ``static_hindsight``: as ``static`` but on the test split's own costs (a static choice
      that has seen the test examples: the fairest upper bound of any static drop).
    - ``oracle``: per example, its own k units of least single-unit KL.
-   - ``oracle_greedy``: per example, units added one at a time by that example's real KL.
+   - ``oracle_greedy``: per example, units added one at a time by that example's real KL (of
+     its ``--greedy_width`` cheapest single units; at k = width it is ``oracle``).
    Headroom = the best static choice's cost minus the best oracle's, paired over examples.
 """
 
@@ -409,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--no_greedy", dest="greedy", action="store_false")
     parser.add_argument(
-        "--greedy_width", type=int, default=6, help="units a greedy step tries (least single-unit KL)"
+        "--greedy_width", type=int, default=8, help="units a greedy step tries (least single-unit KL)"
     )
     parser.add_argument("--output", type=Path, default=RESULTS / "headroom")
     args = parser.parse_args(argv)

@@ -182,22 +182,8 @@ def _bench(*args: str):
 def test_cli_json_report(tiny_folder, tmp_path):
     out = tmp_path / "bench.json"
     result = _bench(
-        "--model",
-        str(tiny_folder),
-        "--context",
-        "16",
-        "--new_tokens",
-        "2",
-        "--repeats",
-        "1",
-        "--batch",
-        "1,2",
-        "--skip_ratio",
-        "0.5",
-        "--router_layers",
-        "2",
-        "--json",
-        str(out),
+        "--model", str(tiny_folder), "--context", "16", "--new_tokens", "2", "--repeats", "1", "--batch", "1,2",
+        "--skip_ratio", "0.5", "--router_layers", "2", "--json", str(out),
     )
     assert result.exit_code == 0, result.output
     assert "| 16 | 2 | decode |" in result.stdout
@@ -216,14 +202,8 @@ def test_cli_json_report(tiny_folder, tmp_path):
         assert cell["kv_cache_bytes"]["routed"] < cell["kv_cache_bytes"]["dense"]
         for phase in ("prefill", "decode"):
             s = cell["speedup"][phase]
-            for key in (
-                "measured",
-                "ideal",
-                "measured_over_ideal",
-                "oracle_measured",
-                "oracle_ideal",
-                "routed_over_oracle",
-            ):
+            for key in ("measured", "ideal", "measured_over_ideal", "oracle_measured", "oracle_ideal",
+                        "routed_over_oracle"):
                 assert s[key] > 0, key
             assert s["all_kept_overhead"] > -1
             assert cell["flops"][phase]["dense"]["total"] > cell["flops"][phase]["routed"]["total"] > 0
@@ -234,25 +214,9 @@ def test_cli_compiled_report(tiny_folder, tmp_path):
     compiles as deleted sub-layers (same KV as the oracle), the scored one as ops."""
     out = tmp_path / "bench.json"
     result = _bench(
-        "--model",
-        str(tiny_folder),
-        "--context",
-        "12",
-        "--new_tokens",
-        "3",
-        "--repeats",
-        "2",
-        "--batch",
-        "2",
-        "--skip_ratio",
-        "0.5",
-        "--router_layers",
-        "2",
-        "--compile",
-        "--compile_backend",
-        "eager",
-        "--json",
-        str(out),
+        "--model", str(tiny_folder), "--context", "12", "--new_tokens", "3", "--repeats", "2", "--batch", "2",
+        "--skip_ratio", "0.5", "--router_layers", "2", "--compile", "--compile_backend", "eager",
+        "--json", str(out),
     )
     assert result.exit_code == 0, result.output
     assert "| 12 | 2 |" in result.stdout
@@ -263,14 +227,8 @@ def test_cli_compiled_report(tiny_folder, tmp_path):
     for v in cell["variants"].values():
         assert v["tokens_equal_eager"] and len(v["decode_s"]) == 2 and v["decode_tokens_per_s"] > 0
     kv = {name: v["kv_cache_bytes"] for name, v in cell["variants"].items()}
-    assert (
-        kv["routed_compiled"] == kv["oracle_compiled"] == kv["routed_scored_compiled"] < kv["dense_compiled"]
-    )
-    for key in (
-        "routed_compiled_vs_dense_compiled",
-        "oracle_compiled_vs_dense_compiled",
-        "dense_compiled_vs_dense_eager",
-    ):
+    assert kv["routed_compiled"] == kv["oracle_compiled"] == kv["routed_scored_compiled"] < kv["dense_compiled"]
+    for key in ("routed_compiled_vs_dense_compiled", "oracle_compiled_vs_dense_compiled", "dense_compiled_vs_dense_eager"):
         assert cell["decode_speedup"][key] > 0
 
 
@@ -282,29 +240,14 @@ def test_gpu_check_script_at_a_toy_shape(tmp_path):
     out = tmp_path / "gpu_check.json"
     script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
     done = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "--tiny",
-            "--device",
-            "cpu",
-            "--compile_backend",
-            "eager",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, str(script), "--tiny", "--device", "cpu", "--compile_backend", "eager", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     sections = json.loads(out.read_text())["sections"]
     assert set(sections) == {"exact", "eager", "train", "compiled_batch1", "compiled_batch2"}
     assert sections["exact"]["routers_on_equals_dense"] and sections["exact"]["skipping_equals_deleted"]
-    assert (
-        sections["train"]["router"]["trainable_parameters"]
-        < sections["train"]["full"]["trainable_parameters"]
-    )
+    assert sections["train"]["router"]["trainable_parameters"] < sections["train"]["full"]["trainable_parameters"]
     for batch in (1, 2):
         (cell,) = sections[f"compiled_batch{batch}"]["report"]["results"]
         assert all(v["tokens_equal_eager"] for v in cell["variants"].values())
@@ -316,22 +259,8 @@ def test_cli_loads_saved_routers(tiny_folder, tmp_path):
     randomize_routers(model, seed=5)
     save_routers(model, tmp_path / "routers")
     out = tmp_path / "r.json"
-    result = _bench(
-        "--model",
-        str(tiny_folder),
-        "--routers",
-        str(tmp_path / "routers"),
-        "--context",
-        "8",
-        "--new_tokens",
-        "2",
-        "--repeats",
-        "1",
-        "--batch",
-        "2",
-        "--json",
-        str(out),
-    )
+    result = _bench("--model", str(tiny_folder), "--routers", str(tmp_path / "routers"), "--context", "8",
+                    "--new_tokens", "2", "--repeats", "1", "--batch", "2", "--json", str(out))
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["granularity"] == "attn_token" and report["routed_layers"] == [1, 2]
@@ -364,16 +293,8 @@ def test_cli_bad_inputs(args, message):
 def test_cli_routers_for_another_model(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    other = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=6,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            vocab_size=50,
-        )
-    )
+    other = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=50))
     attach_routers(other, RouterConfig(router_layers=2))
     save_routers(other, tmp_path / "routers")
     with pytest.raises(RouterLoadError):  # the library error the CLI reports
@@ -401,30 +322,9 @@ def test_design_script_alternatives_compute_the_same_and_report(tmp_path):
     """The compared implementations agree with the library (checked inside) and the report is written."""
     design = _script("bench_design")
     out = tmp_path / "design"
-    design.main(
-        [
-            "--model",
-            "random:llama-tiny",
-            "--router_layers",
-            "2",
-            "--context",
-            "16",
-            "--new_tokens",
-            "2",
-            "--repeats",
-            "1",
-            "--warmup",
-            "0",
-            "--threads",
-            "1",
-            "--only",
-            "kv_rows",
-            "--only",
-            "token_attn",
-            "--out",
-            str(out),
-        ]
-    )
+    design.main(["--model", "random:llama-tiny", "--router_layers", "2", "--context", "16", "--new_tokens", "2",
+                 "--repeats", "1", "--warmup", "0", "--threads", "1", "--only", "kv_rows", "--only", "token_attn",
+                 "--out", str(out)])
     report = json.loads(out.with_suffix(".json").read_text())
     assert set(report["runs"]) == {"kv_rows", "token_attn"}
     assert report["runs"]["kv_rows"]["environment"]["threads"] == 1
@@ -433,24 +333,8 @@ def test_design_script_alternatives_compute_the_same_and_report(tmp_path):
     assert kv_rows["all_rows_kv"]["prefill_ideal"] < kv_rows["zero_kv_rows"]["prefill_ideal"]
     assert "(b) attn_token" in out.with_suffix(".md").read_text()
     # A later run of one measurement keeps the others.
-    design.main(
-        [
-            "--model",
-            "random:llama-tiny",
-            "--router_layers",
-            "2",
-            "--threads",
-            "1",
-            "--repeats",
-            "1",
-            "--only",
-            "overhead_micro",
-            "--micro_steps",
-            "3",
-            "--out",
-            str(out),
-        ]
-    )
+    design.main(["--model", "random:llama-tiny", "--router_layers", "2", "--threads", "1", "--repeats", "1",
+                 "--only", "overhead_micro", "--micro_steps", "3", "--out", str(out)])
     runs = json.loads(out.with_suffix(".json").read_text())["runs"]
     assert set(runs) == {"kv_rows", "token_attn", "overhead_micro"}
     assert runs["overhead_micro"]["entries"][0]["layers"] == 30
@@ -471,24 +355,8 @@ def test_skipping_script_tiny_suite(tmp_path):
 def test_real_default_model_bench(tmp_path):
     """SmolLM2-135M-Instruct through the real CLI: the deepest half of layers 13..28 skip attention."""
     out = tmp_path / "real.json"
-    result = _bench(
-        "--context",
-        "32",
-        "--batch",
-        "2",
-        "--new_tokens",
-        "2",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
-        "--skip_ratio",
-        "0.5",
-        "--device",
-        "cpu",
-        "--json",
-        str(out),
-    )
+    result = _bench("--context", "32", "--batch", "2", "--new_tokens", "2", "--repeats", "1", "--warmup", "0",
+                    "--skip_ratio", "0.5", "--device", "cpu", "--json", str(out))
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["model"] == "smollm2-135m-instruct" and report["model_shape"]["num_layers"] == 30
