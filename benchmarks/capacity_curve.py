@@ -30,6 +30,8 @@ Points:
                  their prompts as the evaluation routes on contexts (``--calibrate_on prompt``,
                  the default; the 914-document curve's points were calibrated on whole
                  conversations, ``all``, and kept 0.06-0.08 less than C in evaluation).
+  fixed:A+B+..   the attention of exactly layers A, B, ... removed for every input (e.g. the
+                 least-KL set of benchmarks/headroom.py).
   drop:N         attention drop: the N least important of the 16 candidate layers (the routed
                  ones) removed (importance = 1 - cos(h, h + attn) on the same calibration
                  examples); its capacity is exactly 1 - N/16 on every input.
@@ -102,7 +104,7 @@ def _expand(result: dict[str, Any]) -> dict[str, Any]:
 def _prepare(model, tokenizer, point: str, routers: Path, calibrate_on: str = "prompt") -> dict[str, Any]:
     """Puts ``model`` (plain on entry) into the state ``point`` names; returns what was done."""
     from routertune import load_routers
-    from routertune.baselines import apply_attention_drop, attention_importance, candidate_layers
+    from routertune.baselines import apply_attention_drop, attention_importance, candidate_layers, drop_layers
     from routertune.calibrate import calibrate_thresholds, make_batches
 
     kind, _, arg = point.partition(":")
@@ -125,8 +127,14 @@ def _prepare(model, tokenizer, point: str, routers: Path, calibrate_on: str = "p
         importance = attention_importance(model, tokenizer, _calibration_examples(), layers=candidates)
         dropped = apply_attention_drop(model, importance, n_drop=int(arg), candidates=candidates)
         return {"candidates": candidates, "dropped": dropped, "importance": {str(k): v for k, v in importance.items()}}
+    if kind == "fixed":
+        candidates = candidate_layers(model)
+        dropped = sorted(int(x) for x in arg.split("+"))
+        drop_layers(model, dropped, candidates)
+        return {"candidates": candidates, "dropped": dropped, "chosen_by": "given on the command line"}
     raise SystemExit(
-        f"unknown point {point!r}: dense, routed[-NAME]:native, routed[-NAME]:<capacity>, drop:<layers>"
+        f"unknown point {point!r}: dense, routed[-NAME]:native, routed[-NAME]:<capacity>, drop:<layers>, "
+        "fixed:<layer>+<layer>..."
     )
 
 
@@ -304,7 +312,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     # Routed vs attention drop: against the drop with the nearest compute at or above the routed
     # point's (routed winning there wins outright) and the nearest at or below it.
     comparisons = []
-    drops = {n: p for n, p in points.items() if n.startswith("drop:")}
+    drops = {n: p for n, p in points.items() if n.startswith(("drop:", "fixed:"))}
     drop_cap = {n: 1 - len(p["setup"]["dropped"]) / len(p["setup"]["candidates"]) for n, p in drops.items()}
     for name, record in points.items():
         if not name.startswith("routed"):
@@ -366,6 +374,7 @@ def _plot(data: dict[str, Any], path: Path) -> None:
         "routed, prompts + distillation, seed 7": lambda p: p.startswith("routed-prompt-distill-seed7:"),
         "routed, prompts + distillation, gradient_scale 0.04": lambda p: p.startswith("routed-prompt-distill-gs04:"),
         "attention drop": lambda p: p.startswith("drop:"),
+        "fixed drop (given layers)": lambda p: p.startswith("fixed:"),
     }
     panels = {
         "average, 9 tasks": ("average", "vs_dense"),

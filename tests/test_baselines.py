@@ -28,6 +28,7 @@ from routertune.baselines import (  # noqa: E402
     attention_importance,
     candidate_layers,
     choose_dropped,
+    drop_layers,
     drop_report,
     n_drop_for_capacity,
     save_attention_drop,
@@ -128,6 +129,23 @@ def test_drop_really_skips_and_equals_deleted_sublayers(arch):
     ref_gen = ref.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(gen, ref_gen)
     assert calls[2] == calls[4] == 0
+
+
+def test_drop_layers_drops_exactly_the_given_layers():
+    """A given set (e.g. the least-KL set of benchmarks/headroom.py) = those attentions deleted."""
+    model = tiny_causal_lm("llama", vocab_size=VOCAB)
+    ref = without_sublayers(model, [1, 3], "attn")
+    with pytest.raises(AttentionDropError, match=r"layers \[0\] are not candidates"):
+        drop_layers(model, [0, 3])
+    assert get_router_config(model) is None  # refused before any router went in
+    drop_layers(model, [3, 1])
+    (batch,) = random_batches(n_batches=1)
+    with torch.no_grad():
+        out, expected = model(**batch).logits, ref(**batch).logits
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[mask], expected[mask], rtol=1e-4, atol=1e-5)
+    with pytest.raises(RouterConfigError, match="already has routers"):
+        drop_layers(model, [2])
 
 
 def test_capacity_is_the_kept_share_of_candidates():

@@ -200,8 +200,8 @@ def apply_attention_drop(
         AttentionDropError: neither or both of ``n_drop``/``capacity``, values out of range, or
             importance missing for a candidate. RouterConfigError: the model already has routers.
     """
-    from routertune.routing.attach import attach_routers, get_router_config, set_thresholds
-    from routertune.routing.config import RouterConfig, RouterConfigError
+    from routertune.routing.attach import get_router_config
+    from routertune.routing.config import RouterConfigError
 
     if (n_drop is None) == (capacity is None):
         raise AttentionDropError("give exactly one of n_drop and capacity")
@@ -213,9 +213,30 @@ def apply_attention_drop(
     if capacity is not None:
         n_drop = n_drop_for_capacity(capacity, len(candidates))
     dropped = choose_dropped(importance, candidates, n_drop)
+    drop_layers(model, dropped, candidates)
+    return dropped
+
+
+def drop_layers(model: nn.Module, dropped: list[int], candidates: list[int] | None = None) -> None:
+    """Drops the attention of exactly the ``dropped`` layers (in place), as a router folder would:
+    ``attn_sequence`` routers on the candidates, threshold 2 (never run) on the dropped ones and
+    0 (always run) on the others.
+
+    Raises:
+        AttentionDropError: a dropped layer that is not a candidate. RouterConfigError: the model
+            already has routers.
+    """
+    from routertune.routing.attach import attach_routers, get_router_config, set_thresholds
+    from routertune.routing.config import RouterConfig, RouterConfigError
+
+    if get_router_config(model) is not None:
+        raise RouterConfigError("this model already has routers; apply the attention drop to a plain model")
+    candidates = candidate_layers(model) if candidates is None else sorted(candidates)
+    outside = sorted(set(dropped) - set(candidates))
+    if outside:
+        raise AttentionDropError(f"layers {outside} are not candidates for dropping (candidates: {candidates})")
     attach_routers(model, RouterConfig(granularity="attn_sequence", layers=candidates))
     set_thresholds(model, {i: SKIP_ALL_THRESHOLD if i in dropped else KEEP_ALL_THRESHOLD for i in candidates})
-    return dropped
 
 
 def drop_report(
