@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Router-tune the default model on builtin data; evaluate dense, the routed model at its own and
         at calibrated capacities, and the attention drop of each one's compute; benchmark; write a
-        report (about 22 minutes on 2 CPU cores with the defaults)."""
+        report (about 25 minutes on 2 CPU cores with the defaults)."""
         from routertune.quickstart import QuickstartSettings, run_quickstart
 
         if limit < 1 or mmlu_limit < 1 or train_samples < 1:

@@ -1,6 +1,6 @@
 """The main job on embedded defaults, end to end, into a report a person can read.
 
-    routertune quickstart                      # default model, builtin data, ~22 min on 2 CPU cores
+    routertune quickstart                      # default model, builtin data, ~25 min on 2 CPU cores
     routertune quickstart --limit 100 --train_samples 2000 --output_dir reports/bigger
 
 1. router-tune the default model (SmolLM2-135M-Instruct) on the builtin instruction mix,
