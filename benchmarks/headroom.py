@@ -62,7 +62,6 @@ class Split:
         self.name = name
         self.batches = batches
         self.dense_logp: list[torch.Tensor] = []  # per batch: (N, V) at the chosen positions
-        self.rows: list[torch.Tensor] = []  # per batch: (N,) the row of each chosen position
         self.single: torch.Tensor | None = None  # (examples, units): KL with that unit alone skipped
 
     @property
@@ -75,17 +74,12 @@ class Split:
 
 def _answer_logp(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probabilities at the positions that predict an assistant token, their targets, and
-    the row of each; the LM head runs only there."""
-    from routertune.routing.arch import base_model
+    the row of each."""
+    from routertune.baselines import labelled_logits
 
-    hidden = base_model(model)(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    chosen = targets != -100
-    logits = model.get_output_embeddings()(hidden[:, :-1][chosen]).float()
-    rows = torch.arange(targets.shape[0]).view(-1, 1).expand_as(targets)[chosen]
-    return F.log_softmax(logits, dim=-1), targets[chosen], rows
+    logits, targets, chosen = labelled_logits(model, batch)
+    rows = torch.arange(chosen.shape[0]).view(-1, 1).expand_as(chosen)[chosen]
+    return F.log_softmax(logits.float(), dim=-1), targets, rows
 
 
 def _per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -126,8 +120,8 @@ def _per_example(split: Split, sets: list[set[int]]) -> list[list[set[int]]]:
     return out
 
 
-def prepare(model, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense log-probs of every batch (kept), and the dense loss per example."""
+def prepare(model, split: Split) -> torch.Tensor:
+    """Keeps the dense log-probs of every batch on ``split``; returns the dense loss per example."""
     from routertune.routing.attach import all_units_kept
 
     losses = []
@@ -135,7 +129,6 @@ def prepare(model, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad(), all_units_kept(model):
             logp, targets, rows = _answer_logp(model, batch)
         split.dense_logp.append(logp)
-        split.rows.append(rows)
         nll = -logp.gather(1, targets.view(-1, 1)).squeeze(1)
         losses.append(_per_row(nll, rows, batch["input_ids"].shape[0]))
     return torch.cat(losses)

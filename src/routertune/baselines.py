@@ -293,9 +293,6 @@ def assistant_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> 
     import torch
     import torch.nn.functional as F
 
-    from routertune.routing.arch import base_model
-
-    device = next(model.parameters()).device
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
@@ -304,18 +301,31 @@ def assistant_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> 
             for batch in batches:
                 if "labels" not in batch:
                     continue
-                hidden = base_model(model)(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
-                    use_cache=False,
-                ).last_hidden_state  # (B, T, C)
-                targets = batch["labels"][:, 1:].to(device)  # position t predicts token t + 1
-                chosen = targets != -100
-                logits = model.get_output_embeddings()(hidden[:, :-1][chosen])  # (N, V)
-                total += float(F.cross_entropy(logits.float(), targets[chosen], reduction="sum"))
-                count += int(chosen.sum())
+                logits, targets, _ = labelled_logits(model, batch)
+                total += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+                count += len(targets)
     finally:
         model.train(was_training)
     if count == 0:
         raise AttentionDropError("no assistant token to score: batches need labels (unified-format examples)")
     return total / count
+
+
+def labelled_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The model's logits at the positions that predict a labelled token, as the model runs now.
+
+    Only those positions go through the LM head (over every position it would dominate the
+    cost). Returns ``(logits (N, V), targets (N,), chosen (B, T - 1) bool)``: position ``t``
+    predicts token ``t + 1``, and ``chosen`` says which positions the N rows are, row-major.
+    """
+    from routertune.routing.arch import base_model
+
+    device = next(model.parameters()).device
+    hidden = base_model(model)(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        use_cache=False,
+    ).last_hidden_state  # (B, T, C)
+    targets = batch["labels"][:, 1:].to(device)
+    chosen = targets != -100
+    return model.get_output_embeddings()(hidden[:, :-1][chosen]), targets[chosen], chosen

@@ -66,10 +66,7 @@ def evaluate_command(
         "its prompt) or 'all' (context + scored continuation, as the seed).",
     ),
     per_doc: bool = typer.Option(
-        False,
-        "--per_doc",
-        "--per-doc",
-        help="Keep each document's 0/1 scores in the JSON (for paired comparisons).",
+        False, "--per_doc", "--per-doc", help="Keep each document's 0/1 scores in the JSON (for paired comparisons)."
     ),
     device: str | None = device_option(),
     dtype: str | None = dtype_option(),
@@ -90,7 +87,9 @@ def evaluate_command(
     if route_on not in ROUTE_ON:
         fail(f"--route_on must be one of {', '.join(ROUTE_ON)}; got {route_on!r}")
     if output_path is not None and output_path.is_dir():
-        fail(f"--output_path {output_path} is a folder; give a file name such as {output_path / 'eval.json'}")
+        fail(
+            f"--output_path {output_path} is a folder; give a file name such as {output_path / 'eval.json'}"
+        )
     if routers is not None and not routers.is_dir():
         fail(f"--routers {routers} is not a folder (expected router_config.json + routers.safetensors)")
 

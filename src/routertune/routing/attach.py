@@ -306,9 +306,7 @@ def set_thresholds(model: nn.Module, thresholds: float | dict[int, float]) -> No
     config = require_config(model)
     layers = routed_layers(model)
     if isinstance(thresholds, dict):
-        unknown = sorted(set(thresholds) - set(layers))
-        if unknown:
-            raise RouterConfigError(f"layers {unknown} have no router (routed layers: {sorted(layers)})")
+        _require_routed(layers, thresholds)
         merged = dict(config.layer_thresholds or {})
         merged.update({int(k): float(v) for k, v in thresholds.items()})
     else:
@@ -347,13 +345,9 @@ def forced_routes(model: nn.Module, keep: dict[int, torch.Tensor]) -> Iterator[n
     computed). Layers not named decide as usual. For analysis: the per-example oracle of
     ``benchmarks/headroom.py``, hand-made routes. Not for training (no gate gradient).
     """
-    layers = routed_layers(model)
-    if not layers:
-        raise RouterConfigError("this model has no routers; call attach_routers or load_routers first")
-    unknown = sorted(set(keep) - set(layers))
-    if unknown:
-        raise RouterConfigError(f"layers {unknown} have no router (routed layers: {sorted(layers)})")
     unit = require_config(model).unit
+    layers = routed_layers(model)
+    _require_routed(layers, keep)
     for idx, value in keep.items():
         if value.dtype != torch.bool or value.dim() != (1 if unit == "sequence" else 2):
             raise RouterConfigError(
@@ -368,6 +362,13 @@ def forced_routes(model: nn.Module, keep: dict[int, torch.Tensor]) -> Iterator[n
     finally:
         for idx in keep:
             layers[idx].routing.forced_keep = None
+
+
+def _require_routed(layers: dict[int, Any], indices: Any) -> None:
+    """RouterConfigError naming the ``indices`` that are not among the routed ``layers``."""
+    unknown = sorted(set(indices) - set(layers))
+    if unknown:
+        raise RouterConfigError(f"layers {unknown} have no router (routed layers: {sorted(layers)})")
 
 
 def require_config(model: nn.Module) -> RouterConfig:
