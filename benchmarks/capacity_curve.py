@@ -23,7 +23,8 @@ Points:
   routed-NAME:native / routed-NAME:C  the same for another recorded router set (ROUTER_SETS):
                  ``prompt`` (trained with ``--route_on prompt``), ``prompt-distill`` (``--route_on
                  prompt --loss lm+distill``), ``prompt-distill-seed7`` (the same, ``--seed 7``),
-                 ``prompt-distill-gs04`` (the same, ``--gradient_scale 0.04``: skips more).
+                 ``prompt-distill-gs04`` (the same, ``--gradient_scale 0.04``: skips more);
+                 ``attn_token``, ``mlp_sequence``, ... (the default recipe at that granularity).
   routed:C       the same routers, thresholds calibrated (``global``) so that C of the routed
                  attention units are kept on the calibration data (the last 64 builtin
                  examples; none of them trained on, none of them evaluation data), routing on
@@ -35,6 +36,8 @@ Points:
   drop:N         attention drop: the N least important of the 16 candidate layers (the routed
                  ones) removed (importance = 1 - cos(h, h + attn) on the same calibration
                  examples); its capacity is exactly 1 - N/16 on every input.
+  drop-mlp:N, drop-block:N  the same for the MLP or the whole block (the baselines of mlp_* and
+                 block_* routers; importance in routertune.baselines).
 
 Every point is evaluated on the same documents (the first ``--limit`` of each offline task,
 ``--mmlu_limit`` per MMLU subject) with per-document scores, so the report gives paired
@@ -69,7 +72,11 @@ ROUTER_SETS = {
     "prompt-distill": RESULTS / "routers-smollm2-attn_sequence-prompt-distill",  # + --loss lm+distill
     "prompt-distill-seed7": RESULTS / "routers-smollm2-attn_sequence-prompt-distill-seed7",  # + --seed 7
     "prompt-distill-gs04": RESULTS / "routers-smollm2-attn_sequence-prompt-distill-gs04",  # + --gradient_scale 0.04
+    # The default recipe at each other granularity (benchmarks/granularity_table.py trains them).
+    **{g: RESULTS / f"routers-smollm2-{g}" for g in ("attn_token", "mlp_sequence", "mlp_token", "block_sequence", "block_token")},
 }
+# Point kinds of the static drops: the unit each removes (drop = attention).
+DROP_KINDS = {"drop": "attn", "drop-mlp": "mlp", "drop-block": "block"}
 MODEL = "smollm2-135m-instruct"
 
 
@@ -104,8 +111,9 @@ def _expand(result: dict[str, Any]) -> dict[str, Any]:
 def _prepare(model, tokenizer, point: str, routers: Path, calibrate_on: str = "prompt") -> dict[str, Any]:
     """Puts ``model`` (plain on entry) into the state ``point`` names; returns what was done."""
     from routertune import load_routers
-    from routertune.baselines import apply_attention_drop, attention_importance, candidate_layers, drop_layers
+    from routertune.baselines import apply_drop, candidate_layers, drop_layers, sublayer_importance
     from routertune.calibrate import calibrate_thresholds, make_batches
+    from routertune.routing.attach import get_router_config
 
     kind, _, arg = point.partition(":")
     if kind == "dense":
@@ -117,70 +125,120 @@ def _prepare(model, tokenizer, point: str, routers: Path, calibrate_on: str = "p
         kind, routers = "routed", ROUTER_SETS[name]
     if kind == "routed":
         load_routers(model, routers)
+        granularity = get_router_config(model).granularity
         if arg == "native":
-            return {"routers": str(routers), "thresholds": "as trained"}
+            return {"routers": str(routers), "granularity": granularity, "thresholds": "as trained"}
         batches = make_batches(tokenizer, _calibration_examples(), route_on=calibrate_on)
         result = calibrate_thresholds(model, batches, float(arg), method="global")
-        return {"routers": str(routers), "calibrate_on": calibrate_on, "calibration": result.to_dict()}
-    if kind == "drop":
-        candidates = candidate_layers(model)
-        importance = attention_importance(model, tokenizer, _calibration_examples(), layers=candidates)
-        dropped = apply_attention_drop(model, importance, n_drop=int(arg), candidates=candidates)
-        return {"candidates": candidates, "dropped": dropped, "importance": {str(k): v for k, v in importance.items()}}
+        return {
+            "routers": str(routers),
+            "granularity": granularity,
+            "calibrate_on": calibrate_on,
+            "calibration": result.to_dict(),
+        }
+    if kind in DROP_KINDS:
+        unit = DROP_KINDS[kind]
+        candidates = candidate_layers(model, unit=unit)
+        importance = sublayer_importance(model, tokenizer, _calibration_examples(), unit, layers=candidates)
+        dropped = apply_drop(model, importance, n_drop=int(arg), candidates=candidates, unit=unit)
+        return {
+            "unit": unit,
+            "candidates": candidates,
+            "dropped": dropped,
+            "importance": {str(k): v for k, v in importance.items()},
+        }
     if kind == "fixed":
         candidates = candidate_layers(model)
         dropped = sorted(int(x) for x in arg.split("+"))
         drop_layers(model, dropped, candidates)
         return {"candidates": candidates, "dropped": dropped, "chosen_by": "given on the command line"}
     raise SystemExit(
-        f"unknown point {point!r}: dense, routed[-NAME]:native, routed[-NAME]:<capacity>, drop:<layers>, "
-        "fixed:<layer>+<layer>..."
+        f"unknown point {point!r}: dense, routed[-NAME]:native, routed[-NAME]:<capacity>, "
+        "drop[-mlp|-block]:<layers>, fixed:<layer>+<layer>..."
     )
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
+def evaluate_point(
+    model,
+    tokenizer,
+    point: str,
+    routers: Path,
+    *,
+    limit: int,
+    mmlu_limit: int,
+    batch_size: int = 8,
+    route_on: str = "prompt",
+    calibrate_on: str = "prompt",
+    tasks: list[str] | None = None,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Puts ``model`` (routers detached first) into ``point``'s state, evaluates it with
+    per-document scores, and returns the point's record (as a point file holds it)."""
     from routertune import detach_routers
     from routertune.evaluation import evaluate
     from routertune.routing.attach import get_router_config
+
+    if get_router_config(model) is not None:
+        detach_routers(model)
+    start = time.time()
+    setup = _prepare(model, tokenizer, point, routers, calibrate_on)
+    result = evaluate(
+        model,
+        tokenizer,
+        **({"tasks": tasks} if tasks else {}),
+        limit=limit,
+        task_limits={"mmlu": mmlu_limit} if not tasks or "mmlu" in tasks else None,
+        batch_size=batch_size,
+        per_doc=True,
+        route_on=route_on,
+    )
+    record = {
+        "point": point if route_on == "prompt" or not point.startswith("routed") else f"{point}@all",
+        "route_on": route_on,
+        "setup": setup,
+        "eval": _compact(result),
+        "seconds": round(time.time() - start, 1),
+        "threads": threads,
+        "load_average": os.getloadavg(),
+    }
+    if result["capacity"]:
+        granularity = get_router_config(model).granularity
+        record["ideal_speedup_512"] = _ideal(model.config, result["capacity"]["per_layer"], 512, granularity)
+    return record
+
+
+def point_file(directory: Path, label: str) -> Path:
+    return directory / f"{label.replace(':', '-').replace('@', '-')}.json"
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from routertune.io_utils import atomic_write_text
 
     torch.set_num_threads(args.threads)
     POINTS_DIR.mkdir(parents=True, exist_ok=True)
     model, tokenizer = _load_model()
     for point in args.points.split(","):
         label = point if args.route_on == "prompt" or not point.startswith("routed") else f"{point}@all"
-        out = POINTS_DIR / f"{label.replace(':', '-').replace('@', '-')}.json"
+        out = point_file(POINTS_DIR, label)
         if out.exists() and not args.force:
             print(f"{point}: {out} exists, skipped")
             continue
-        if get_router_config(model) is not None:
-            detach_routers(model)
-        start = time.time()
-        setup = _prepare(model, tokenizer, point, Path(args.routers), args.calibrate_on)
-        result = evaluate(
+        record = evaluate_point(
             model,
             tokenizer,
+            point,
+            Path(args.routers),
             limit=args.limit,
-            task_limits={"mmlu": args.mmlu_limit},
+            mmlu_limit=args.mmlu_limit,
             batch_size=args.batch_size,
-            per_doc=True,
             route_on=args.route_on,
+            calibrate_on=args.calibrate_on,
+            threads=args.threads,
         )
-        record = {
-            "point": label,
-            "route_on": args.route_on,
-            "setup": setup,
-            "eval": _compact(result),
-            "seconds": round(time.time() - start, 1),
-            "threads": args.threads,
-            "load_average": os.getloadavg(),
-        }
-        if result["capacity"]:
-            record["ideal_speedup_512"] = _ideal(model.config, result["capacity"]["per_layer"], 512)
-        from routertune.io_utils import atomic_write_text
-
         atomic_write_text(out, json.dumps(record, indent=1) + "\n")
-        cap = result["capacity"]["overall"] if result["capacity"] else 1.0
-        print(f"{label}: average {result['average']['value']:.4f} capacity {cap:.3f} ({record['seconds']} s)", flush=True)
+        ev = record["eval"]
+        cap = ev["capacity"]["overall"] if ev["capacity"] else 1.0
+        print(f"{label}: average {ev['average']['value']:.4f} capacity {cap:.3f} ({record['seconds']} s)", flush=True)
 
 
 def cmd_speed(args: argparse.Namespace) -> None:
@@ -247,14 +305,16 @@ def _without_boolq(tasks: Any) -> list[str]:
     return [t for t in tasks if t != "boolq"]
 
 
-def _ideal(config: Any, per_layer: dict[str, float], context: int) -> dict[str, float]:
+def _ideal(
+    config: Any, per_layer: dict[str, float], context: int, granularity: str = "attn_sequence"
+) -> dict[str, float]:
     """FLOP-ideal speedup of prefilling ``context`` tokens and decoding 32, at these capacities."""
     from routertune.benchmark.flops import ModelShape, ideal_speedup
 
     shape = ModelShape.from_config(config)
     caps = {int(k): v for k, v in per_layer.items()}
     return {
-        phase: ideal_speedup(shape, "attn_sequence", caps, phase, context, 1, 32 if phase == "decode" else 1)
+        phase: ideal_speedup(shape, granularity, caps, phase, context, 1, 32 if phase == "decode" else 1)
         for phase in ("prefill", "decode")
     }
 
@@ -315,7 +375,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     drops = {n: p for n, p in points.items() if n.startswith(("drop:", "fixed:"))}
     drop_cap = {n: 1 - len(p["setup"]["dropped"]) / len(p["setup"]["candidates"]) for n, p in drops.items()}
     for name, record in points.items():
-        if not name.startswith("routed"):
+        # Other units' routers have their own baselines (benchmarks/granularity_table.py).
+        if not name.startswith("routed") or not record["setup"].get("granularity", "attn_sequence").startswith("attn"):
             continue
         cap = record["eval"]["capacity"]["overall"]
         above = [n for n in drops if drop_cap[n] >= cap]

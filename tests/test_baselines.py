@@ -25,19 +25,22 @@ from routertune.baselines import (  # noqa: E402
     DROP_REPORT,
     AttentionDropError,
     apply_attention_drop,
+    apply_drop,
     attention_importance,
     candidate_layers,
     choose_dropped,
     drop_layers,
     drop_report,
     n_drop_for_capacity,
-    save_attention_drop,
+    save_drop,
+    sublayer_importance,
 )
 from routertune.routing.attach import get_router_config, routed_layers  # noqa: E402
 from routertune.routing.config import RouterConfigError  # noqa: E402
 from routertune.routing.observe import track_capacity
 
-from helpers import without_sublayers  # noqa: E402
+from helpers import FAMILIES, tiny_model, without_sublayers  # noqa: E402
+from helpers import VOCAB as FAMILY_VOCAB  # noqa: E402
 
 VOCAB = 259
 
@@ -214,7 +217,7 @@ def test_saved_drop_loads_unchanged_into_a_fresh_model(tmp_path):
     importance = attention_importance(model, None, random_batches())
     dropped = apply_attention_drop(model, importance, n_drop=2)
     report = drop_report(importance, candidate_layers(fresh), dropped, data="random", n_examples=6)
-    out = save_attention_drop(model, tmp_path / "drop", report)
+    out = save_drop(model, tmp_path / "drop", report)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [DROP_REPORT, "router_config.json", "routers.safetensors"]
     )
@@ -354,3 +357,113 @@ def test_assistant_loss_matches_the_model_loss():
     assert abs(assistant_loss(model, [batch]) - expected) > 1e-4
     with pytest.raises(AttentionDropError, match="no assistant token"):
         assistant_loss(model, make_batches(tok, ["plain text"], batch_size=1))
+
+
+# --- MLP and block drops (the baselines of mlp_* and block_* routers) ---------------------------
+
+
+@pytest.mark.parametrize("unit", ["attn", "mlp", "block"])
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_importance_is_how_much_the_unit_turns_the_residual_stream(arch, unit):
+    """Against hidden states of the plain model and of the model without that layer's MLP (whose
+    output is the stream the MLP adds to, ``h + attn``: post-norms, branch scales and parallel
+    residuals included)."""
+    import torch.nn.functional as F
+
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, FAMILY_VOCAB, (2, 10), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    importance = sublayer_importance(model, None, [batch], unit, layers=[1, 2])
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states  # [i] = input of layer i
+        for i in (1, 2):
+            no_mlp = without_sublayers(model, [i], "mlp")(**batch, output_hidden_states=True).hidden_states[i + 1]
+            before, after = {
+                "attn": (hidden[i], no_mlp),
+                "mlp": (no_mlp, hidden[i + 1]),
+                "block": (hidden[i], hidden[i + 1]),
+            }[unit]
+            expected = float((1 - F.cosine_similarity(before.float(), after.float(), dim=-1)).mean())
+            assert importance[i] == pytest.approx(expected, rel=1e-4, abs=1e-6), (arch, unit, i)
+
+
+@pytest.mark.parametrize("unit", ["mlp", "block"])
+def test_zeroed_unit_is_least_important_and_dropped_first(unit):
+    model = tiny_causal_lm("llama", vocab_size=VOCAB)
+    with torch.no_grad():
+        model.model.layers[3].mlp.down_proj.weight.zero_()
+        if unit == "block":
+            model.model.layers[3].self_attn.o_proj.weight.zero_()
+    importance = sublayer_importance(model, None, random_batches(), unit)
+    assert importance[3] == pytest.approx(0.0, abs=1e-6)
+    assert all(v > 1e-4 for i, v in importance.items() if i != 3)
+    assert apply_drop(model, importance, n_drop=1, unit=unit) == [3]
+    assert get_router_config(model).granularity == f"{unit}_sequence"
+
+
+@pytest.mark.parametrize("unit", ["mlp", "block"])
+def test_mlp_and_block_drops_equal_the_deleted_units(unit):
+    model = tiny_causal_lm("llama", vocab_size=VOCAB)
+    ref = without_sublayers(model, [2, 4], unit)
+    assert candidate_layers(model, unit=unit) == [1, 2, 3, 4]
+    drop_layers(model, [4, 2], unit=unit)
+    calls = {i: 0 for i in range(6)}
+    for i, layer in enumerate(model.model.layers):
+        mlp = getattr(layer.mlp, "base_layer", layer.mlp)
+        mlp.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+    (batch,) = random_batches(n_batches=1)
+    with torch.no_grad():
+        out, expected = model(**batch).logits, ref(**batch).logits
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[mask], expected[mask], rtol=1e-4, atol=1e-5)
+    assert calls[2] == calls[4] == 0 and all(calls[i] == 1 for i in (0, 1, 3, 5))
+    prompt = batch["input_ids"][:1]
+    gen = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(gen, ref.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0))
+
+
+def test_mlp_candidates_are_the_mlp_routers_layers():
+    """An MLP never writes KV, so a mask-anchor layer may drop its MLP (as mlp routers may route it)."""
+    qwen = tiny_causal_lm(
+        "qwen2", layers=8, vocab_size=VOCAB, use_sliding_window=True, sliding_window=4, max_window_layers=3
+    )
+    mlp = candidate_layers(qwen, unit="mlp")
+    assert 3 in mlp and 3 not in candidate_layers(qwen, unit="block")
+    attach_routers(qwen, RouterConfig(granularity="mlp_sequence"))
+    assert sorted(routed_layers(qwen)) == mlp
+    with pytest.raises(AttentionDropError, match="unknown unit 'ffn'"):
+        candidate_layers(qwen, unit="ffn")
+
+
+def test_mlp_drop_report_and_folder(tmp_path):
+    model = tiny_causal_lm("llama", vocab_size=VOCAB)
+    fresh = copy.deepcopy(model)
+    importance = sublayer_importance(model, None, random_batches(), "mlp")
+    dropped = apply_drop(model, importance, capacity=0.5, unit="mlp")
+    report = drop_report(importance, [1, 2, 3, 4], dropped, data="random", n_examples=6, unit="mlp")
+    assert report["method"] == "mlp_drop" and report["unit"] == "mlp" and report["capacity"] == 0.5
+    out = save_drop(model, tmp_path / "mlp-drop", report)
+    assert sorted(p.name for p in out.iterdir()) == ["mlp_drop.json", "router_config.json", "routers.safetensors"]
+    load_routers(fresh, out)
+    assert get_router_config(fresh).granularity == "mlp_sequence"
+    (batch,) = random_batches(n_batches=1, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits)
+
+
+def test_drop_cli_drops_mlp_and_rejects_an_unknown_unit(tmp_path):
+    from typer.testing import CliRunner
+
+    from routertune.cli import app
+
+    folder = save_tiny_model(tmp_path / "model")
+    data = write_chat_jsonl(tmp_path / "calib.jsonl", 6)
+    args = ["drop", "--model", str(folder), "--data", str(data), "--n", "6", "--n_drop", "1", "--max_length", "64"]
+    result = CliRunner().invoke(app, [*args, "--unit", "mlp", "--output", str(tmp_path / "mlp")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "mlp" / "mlp_drop.json").read_text())
+    assert report["unit"] == "mlp" and f"dropped MLP of layers {report['dropped']}" in result.output
+    bad = CliRunner().invoke(app, [*args, "--unit", "ffn", "--output", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "--unit must be one of attn, mlp, block" in bad.output
+    assert not (tmp_path / "bad").exists()

@@ -401,3 +401,61 @@ def test_headroom_script_on_a_tiny_model(tmp_path):
     assert one["oracle"]["kl"] <= min(c["kl"] for c in one.values()) + 1e-6
     assert one["oracle_greedy"]["kl"] == pytest.approx(one["oracle"]["kl"], abs=1e-6)
     assert "| 0.75 | 1 | oracle |" in out.with_suffix(".md").read_text()
+
+
+def test_granularity_table_script_on_a_tiny_model(tmp_path):
+    """benchmarks/granularity_table.py end to end on a tiny model: train (one step), evaluate
+    routed points and the drop of the same unit and compute, time them, report; every number of
+    the table is the recorded one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from helpers import byte_chat_tokenizer
+    from routertune.baselines import n_drop_for_capacity
+
+    tokenizer = byte_chat_tokenizer(model_max_length=4096, padding_side="left")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    folder = tmp_path / "tiny"
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    # mlp_sequence: random routers (they skip about half), so that a drop of the same compute exists
+    attach_routers(model, RouterConfig(granularity="mlp_sequence"))
+    randomize_routers(model, seed=1)
+    save_routers(model, tmp_path / "routers-mlp_sequence")
+
+    table = _script("granularity_table")
+    common = ["--model", str(folder), "--routers", str(tmp_path / "routers-{granularity}"),
+              "--points_dir", str(tmp_path / "points"), "--curve_dir", str(tmp_path / "no-curve")]  # fmt: skip
+    table.main([*common, "train", "--granularities", "attn_token", "--run_dir", str(tmp_path / "runs"),
+                "--max_train_samples", "8"])  # fmt: skip
+    assert (tmp_path / "routers-attn_token" / "train_results.json").exists()
+    table.main([*common, "eval", "--granularities", "attn_token,mlp_sequence", "--tasks", "arc_easy,rte",
+                "--limit", "6", "--mmlu_limit", "1"])  # fmt: skip
+    table.main([*common, "speed", "--granularities", "attn_token,mlp_sequence", "--contexts", "16",
+                "--new_tokens", "2", "--repeats", "1", "--threads", "1"])  # fmt: skip
+    out = tmp_path / "table"
+    table.main([*common, "report", "--output", str(out)])
+
+    data = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["granularity"]: r for r in data["rows"]}
+    mlp = rows["mlp_sequence"]
+    n_drop = n_drop_for_capacity(mlp["routed"]["capacity"], 4)
+    assert 0 < n_drop < 4 and mlp["drop"]["point"] == f"drop-mlp:{n_drop}"
+    drop = json.loads((tmp_path / "points" / f"drop-mlp-{n_drop}.json").read_text())
+    assert drop["setup"]["unit"] == "mlp" and len(drop["setup"]["dropped"]) == n_drop
+    assert rows["block_token"].get("routed") is None and "speed" in rows["attn_token"]
+    lines = {line.split(" | ")[0].strip("| "): line for line in out.with_suffix(".md").read_text().splitlines()}
+    cells = lines["mlp_sequence"].strip("|").split(" | ")
+    assert cells[1:4] == [
+        f"{mlp['routed']['capacity']:.3f}",
+        f"{100 * mlp['routed']['average']:.2f}",
+        f"{100 * mlp['routed']['vs_dense']['difference']:+.2f} +- {100 * mlp['routed']['vs_dense']['stderr']:.2f}",
+    ]
+    assert cells[5] == f"{100 * mlp['drop']['average']:.2f}"
+    assert cells[7] == f"{mlp['speed']['16']['prefill']['measured']:.3f}x ({mlp['speed']['16']['prefill']['ideal']:.3f}x)"
+    assert "not run" in lines["block_token"] and "about 61.0 | 1.25x" in lines["block_token"]

@@ -1,13 +1,14 @@
-"""``routertune drop``: the attention-drop baseline, saved as a router folder.
+"""``routertune drop``: the static-drop baseline (attention, MLP or block), saved as a router folder.
 
     routertune drop --capacity 0.5 --output runs/drop-0.5
+    routertune drop --unit mlp --capacity 0.75 --output runs/mlp-drop-0.75
     routertune eval --routers runs/drop-0.5 --limit 100
     routertune bench --routers runs/drop-0.5
 
-Measures each candidate layer's attention importance (``1 - cos(h, h + attn)``) on
-instruction examples, drops the least important attention sub-layers for every input, and
-writes ``router_config.json`` + ``routers.safetensors`` + ``attention_drop.json``. See
-docs/baselines.md.
+Measures each candidate layer's importance for the unit (``1 - cos`` of the residual stream
+before and after it, :mod:`routertune.baselines`) on instruction examples, drops the least
+important units for every input, and writes ``router_config.json`` + ``routers.safetensors`` +
+``attention_drop.json`` (``mlp_drop.json``, ``block_drop.json``). See docs/baselines.md.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ def drop_command(
         ..., "--output", "-o", help="Router folder to write (replaced if it exists)."
     ),
     model: str = model_option(),
+    unit: str = typer.Option(
+        "attn", "--unit", help="What to drop: attn (attention), mlp or block (both), as the routers' granularity."
+    ),
     capacity: float | None = typer.Option(
-        None, "--capacity", help="Share of candidate attention layers to keep (as a routed model's capacity)."
+        None, "--capacity", help="Share of candidate units to keep (as a routed model's capacity)."
     ),
     n_drop: int | None = typer.Option(
-        None, "--n_drop", "--n-drop", help="Number of attention layers to drop."
+        None, "--n_drop", "--n-drop", help="Number of units (layers' attention, MLP or block) to drop."
     ),
     router_layers: int = typer.Option(
         16,
@@ -54,23 +58,27 @@ def drop_command(
     device: str | None = device_option(),
     dtype: str | None = dtype_option(),
 ) -> None:
-    """Drop the least important attention sub-layers (static baseline) and save them as a router folder."""
+    """Drop the least important attention / MLP / block units (static baseline) and save them as a router folder."""
     if (n_drop is None) == (capacity is None):
         fail("give exactly one of --n_drop and --capacity")
     if capacity is not None and not 0.0 <= capacity <= 1.0:
         fail(f"--capacity must be in [0, 1]; got {capacity:g}")
     if n_drop is not None and n_drop < 0:
         fail(f"--n_drop must be >= 0; got {n_drop}")
+    from routertune.baselines import UNIT_NAMES, UNITS
+
+    if unit not in UNITS:
+        fail(f"--unit must be one of {', '.join(UNITS)}; got {unit!r}")
     if n < 1 or max_length < 1 or batch_size < 1 or router_layers < 1:
         fail("--n, --max_length, --batch_size and --router_layers must be >= 1")
 
     from routertune.baselines import (
         AttentionDropError,
-        apply_attention_drop,
-        attention_importance,
+        apply_drop,
         candidate_layers,
         drop_report,
-        save_attention_drop,
+        save_drop,
+        sublayer_importance,
     )
     from routertune.calibrate import CalibrationError, calibration_split
     from routertune.data import DataFormatError
@@ -86,22 +94,25 @@ def drop_command(
         fail(str(err))
 
     try:
-        candidates = candidate_layers(lm, router_layers)
-        typer.echo(f"measuring attention importance on {len(fit)} examples from {data}", err=True)
-        importance = attention_importance(lm, tokenizer, fit, batch_size=batch_size, max_length=max_length)
-        dropped = apply_attention_drop(
-            lm, importance, n_drop=n_drop, capacity=capacity, candidates=candidates
+        name = UNIT_NAMES[unit]
+        candidates = candidate_layers(lm, router_layers, unit)
+        typer.echo(f"measuring {name} importance on {len(fit)} examples from {data}", err=True)
+        importance = sublayer_importance(
+            lm, tokenizer, fit, unit, batch_size=batch_size, max_length=max_length
+        )
+        dropped = apply_drop(
+            lm, importance, n_drop=n_drop, capacity=capacity, candidates=candidates, unit=unit
         )
     except (AttentionDropError, CalibrationError) as err:
         fail(str(err))
 
-    typer.echo(f"{'layer':>6}{'importance':>12}  attention")
+    typer.echo(f"{'layer':>6}{'importance':>12}  {name}")
     for i in candidates:
         typer.echo(f"{i:>6}{importance[i]:>12.5f}  {'dropped' if i in dropped else 'kept'}")
-    report = drop_report(importance, candidates, dropped, data=data, n_examples=len(fit))
+    report = drop_report(importance, candidates, dropped, data=data, n_examples=len(fit), unit=unit)
     report["model"] = lm.config._name_or_path
-    save_attention_drop(lm, output, report)
+    save_drop(lm, output, report)
     typer.echo(
-        f"dropped attention of layers {dropped} ({len(dropped)} of {len(candidates)} candidates, "
+        f"dropped {name} of layers {dropped} ({len(dropped)} of {len(candidates)} candidates, "
         f"capacity {report['capacity']:.4f}); router folder written to {output}"
     )

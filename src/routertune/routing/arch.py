@@ -70,6 +70,9 @@ class ArchSpec:
         qk_norm: ``"head"`` (``q_norm``/``k_norm`` over each head, before rotary), ``"full"``
             (over the whole projection, before the head split: OLMo2) or None.
         kernel_kwargs: attention module -> extra arguments the family passes to its kernel.
+        branch_scale: attribute of the decoder layer that multiplies every branch before the
+            residual add (Granite's ``residual_multiplier``), or None; skipping is blind to it
+            (zero times anything), importance measures (:mod:`routertune.baselines`) are not.
         known: whether the family was written into this table (else discovered).
     """
 
@@ -80,6 +83,7 @@ class ArchSpec:
     kept_queries: bool = True
     qk_norm: str | None = None
     kernel_kwargs: Callable[[nn.Module], dict] = _no_kernel_kwargs
+    branch_scale: str | None = None
     known: bool = True
 
 
@@ -92,7 +96,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec("mistral", kernel_kwargs=_config_window),
         ArchSpec("qwen2", kernel_kwargs=_attribute_window),
         ArchSpec("qwen3", kernel_kwargs=_attribute_window, qk_norm="head"),
-        ArchSpec("granite"),  # residual_multiplier scales each branch: linear, nothing to do
+        ArchSpec("granite", branch_scale="residual_multiplier"),
         ArchSpec("gemma2", branch_end=_POST_NORMS, kernel_kwargs=_gemma2_kernel),
         ArchSpec("gemma3_text", branch_end=_POST_NORMS, kernel_kwargs=_attribute_window, qk_norm="head"),
         ArchSpec("olmo2", branch_end=_POST_NORMS, qk_norm="full"),

@@ -1,0 +1,434 @@
+"""The paper's main table on the default model: six granularities, each against dense and against
+the static drop of the same compute.
+
+    # 1. train each granularity with the default recipe (the 1,000-example command of
+    #    docs/training.md); routers recorded in results/routers-smollm2-<granularity>/
+    OMP_NUM_THREADS=2 python benchmarks/granularity_table.py train --granularities mlp_sequence,block_sequence
+    # 2. evaluate each routed model on the limit-400 sample (3,432 documents), then the drop of its
+    #    unit with the same compute (each point ~25 min on one thread; two processes share 2 cores)
+    OMP_NUM_THREADS=1 python benchmarks/granularity_table.py eval --granularities mlp_sequence &
+    OMP_NUM_THREADS=1 python benchmarks/granularity_table.py eval --granularities block_sequence &
+    # 3. prefill / decode speed at 512 and 2048 tokens (alone, on a quiet machine)
+    OMP_NUM_THREADS=2 python benchmarks/granularity_table.py speed --threads 2
+    # 4. results/granularity_table.{json,md}
+    python benchmarks/granularity_table.py report
+
+Every step skips what is already recorded, so the table fills in as cells are run; the report
+says "not run" for the rest.
+
+Method.
+* Routers: ``routertune train`` with the flags of ``TRAIN_FLAGS``, ``--max_train_samples 1000``
+  and ``--granularity G``, one
+  seed (42). The attn_sequence routers are the recorded default run
+  (results/routers-smollm2-attn_sequence, trained by the same command).
+* Evaluation: the nine offline tasks, the first 400 documents of each (8 per MMLU subject),
+  per-document scores, routed on the request context (``--route_on prompt``), through
+  ``capacity_curve.evaluate_point``; points already in results/capacity_curve_400/ (dense,
+  the attn_sequence routers, attention drops) are the same evaluation and are reused.
+* Same compute: a routed model that keeps a share C of its 16 routed units is set against the
+  drop of ``round((1 - C) x 16)`` units of the same kind (attention, MLP or block; the least
+  important ones by ``1 - cos`` on 64 calibration examples, routertune.baselines); for a
+  ``*_token`` model C is the share of token-units kept. Differences are paired over the same
+  documents, +- one standard error.
+* Speed: ``run_benchmark`` at batch 1, 32 decode steps, dense and routed interleaved, medians
+  of repeats. ``*_sequence``: the deepest ``round((1 - C) x 16)`` routed units skip on every input
+  (any N units of one kind cost the same, so this is also the speed of the drop); ``*_token``:
+  the routers' own decisions on the benchmark's random-token prompt, at the capacity they take
+  there (reported beside it). FLOP-ideal speedups at the evaluation's own per-layer capacities
+  are given for every row.
+* Paper: Router-Tuning / MindSkip (EMNLP 2025) on Llama-3-8B (32 layers, 16 routed), lm-eval
+  average over eight tasks (ARC-C, BoolQ, HellaSwag, MMLU, OBQA, PIQA, RTE, WinoGrande; ours adds
+  ARC-Easy), its speedup measurement not stated; the paper gives mlp_* and block_* as "about".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import capacity_curve as curve  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+GRANULARITIES = ("attn_sequence", "attn_token", "mlp_sequence", "mlp_token", "block_sequence", "block_token")
+DROP_PREFIX = {
+    unit: kind for kind, unit in curve.DROP_KINDS.items()
+}  # attn -> "drop", mlp -> "drop-mlp", ...
+# Points recorded by capacity_curve.py under another name.
+CURVE_ALIASES = {"routed-attn_sequence:native": "routed:native"}
+TRAIN_FLAGS = [
+    "--data_type", "builtin", "--validation_samples", "100",
+    "--max_seq_length", "512", "--per_device_train_batch_size", "8", "--optim", "sgd",
+    "--learning_rate", "0.1", "--target_capacity", "0", "--gradient_scale", "0.02", "--loss", "lm",
+    "--train_sampling_strategy", "group_by_length", "--logging_steps", "5", "--save_steps", "25", "--use_cpu",
+]  # fmt: skip
+ROUTER_FILES = ("router_config.json", "routers.safetensors", "train_results.json")
+PAPER = {
+    "model": "Llama-3-8B (32 layers, 16 routed)",
+    "dense": 69.7,
+    "rows": {
+        "attn_sequence": {"average": 69.4, "speedup": 1.21},
+        "attn_token": {"average": 68.7, "speedup": 1.18},
+        "mlp_sequence": {"average": 62.0, "speedup": 1.05, "about": True},
+        "mlp_token": {"average": 62.0, "speedup": 1.05, "about": True},
+        "block_sequence": {"average": 61.0, "speedup": 1.25, "about": True},
+        "block_token": {"average": 61.0, "speedup": 1.25, "about": True},
+    },
+}
+
+
+def _granularities(text: str) -> list[str]:
+    names = [g.strip() for g in text.split(",") if g.strip()]
+    unknown = [g for g in names if g not in GRANULARITIES]
+    if unknown or not names:
+        raise SystemExit(f"unknown granularities {unknown or text!r}: {', '.join(GRANULARITIES)}")
+    return names
+
+
+def _routers(args: argparse.Namespace, granularity: str) -> Path:
+    return Path(args.routers.format(granularity=granularity))
+
+
+def _routed_label(granularity: str) -> str:
+    return f"routed-{granularity}:native"
+
+
+def _drop_label(granularity: str, n_drop: int) -> str:
+    return f"{DROP_PREFIX[granularity.split('_')[0]]}:{n_drop}"
+
+
+def _find(args: argparse.Namespace, label: str) -> dict[str, Any] | None:
+    """The record of point ``label``: in the table's own folder, else in the capacity curve's."""
+    for directory, name in (
+        (Path(args.points_dir), label),
+        (Path(args.curve_dir), CURVE_ALIASES.get(label, label)),
+    ):
+        path = curve.point_file(directory, name)
+        if path.exists():
+            record = json.loads(path.read_text())
+            record["eval"] = curve._expand(record["eval"])
+            record["file"] = str(path)
+            return record
+    return None
+
+
+def _capacity(record: dict[str, Any]) -> float:
+    cap = record["eval"]["capacity"]
+    return cap["overall"] if cap else 1.0
+
+
+def _n_drop(record: dict[str, Any]) -> int:
+    """Units a drop removes for the compute of this routed point."""
+    from routertune.baselines import n_drop_for_capacity
+
+    return n_drop_for_capacity(_capacity(record), len(record["eval"]["capacity"]["per_layer"]))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from routertune.io_utils import atomic_dir
+
+    for g in _granularities(args.granularities):
+        folder = _routers(args, g)
+        if (folder / "routers.safetensors").exists():
+            print(f"{g}: {folder} exists, skipped")
+            continue
+        run = Path(args.run_dir) / g
+        if not (run / "routers.safetensors").exists():
+            command = [sys.executable, "-m", "routertune.train", "--model_name_or_path", args.model, *TRAIN_FLAGS,
+                       "--max_train_samples", str(args.max_train_samples), "--granularity", g, "--output_dir", str(run)]  # fmt: skip
+            print(f"{g}: training ({' '.join(command[2:])})", flush=True)
+            start = time.time()
+            subprocess.run(command, check=True)
+            print(f"{g}: trained in {time.time() - start:.0f} s", flush=True)
+        with atomic_dir(folder) as tmp:
+            for name in ROUTER_FILES:
+                shutil.copy2(run / name, tmp / name)
+        print(f"{g}: routers recorded in {folder}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from routertune.io_utils import atomic_write_text
+    from routertune.loading import load_model_and_tokenizer
+
+    torch.set_num_threads(args.threads)
+    points_dir = Path(args.points_dir)
+    points_dir.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model_and_tokenizer(args.model, progress=False)
+    tasks = args.tasks.split(",") if args.tasks else None
+
+    def ensure(label: str, point: str, routers: Path) -> dict[str, Any]:
+        found = _find(args, label)
+        if found is not None:
+            print(f"{label}: recorded in {found['file']}")
+            return found
+        record = curve.evaluate_point(
+            model, tokenizer, point, routers, limit=args.limit, mmlu_limit=args.mmlu_limit,
+            batch_size=args.batch_size, tasks=tasks, threads=args.threads,
+        )  # fmt: skip
+        record["point"] = label
+        atomic_write_text(curve.point_file(points_dir, label), json.dumps(record, indent=1) + "\n")
+        print(
+            f"{label}: average {record['eval']['average']['value']:.4f} ({record['seconds']} s)", flush=True
+        )
+        return _find(args, label)
+
+    ensure("dense", "dense", Path())
+    for g in _granularities(args.granularities):
+        folder = _routers(args, g)
+        if not (folder / "routers.safetensors").exists():
+            print(f"{g}: no routers in {folder} (run `train` first), skipped")
+            continue
+        routed = ensure(_routed_label(g), "routed:native", folder)
+        n_drop = _n_drop(routed)
+        if n_drop == 0:
+            print(
+                f"{g}: capacity {_capacity(routed):.3f} rounds to no dropped unit: its drop is the dense model"
+            )
+            continue
+        ensure(_drop_label(g, n_drop), _drop_label(g, n_drop), Path())
+
+
+def cmd_speed(args: argparse.Namespace) -> None:
+    from routertune import load_routers
+    from routertune.benchmark import BenchSettings, run_benchmark
+    from routertune.io_utils import atomic_write_text
+    from routertune.loading import load_model_and_tokenizer
+
+    torch.set_num_threads(args.threads)
+    model, _ = load_model_and_tokenizer(args.model, progress=False)
+    for g in _granularities(args.granularities):
+        out = Path(args.points_dir) / f"speed-{g}.json"
+        routed = _find(args, _routed_label(g))
+        if out.exists() and not args.force:
+            print(f"{g}: {out} exists, skipped")
+            continue
+        if routed is None:
+            print(f"{g}: not evaluated yet (its capacity sets the skipped share), skipped")
+            continue
+        n_units = len(routed["eval"]["capacity"]["per_layer"])
+        n_drop = _n_drop(routed)
+        skip_ratio = n_drop / n_units if g.endswith("sequence") else None
+        load_routers(model, _routers(args, g))
+        settings = BenchSettings(
+            contexts=tuple(int(c) for c in args.contexts.split(",")), batches=(1,), new_tokens=args.new_tokens,
+            repeats=args.repeats, variants=("dense", "routed"), skip_ratio=skip_ratio,
+        )  # fmt: skip
+        report = run_benchmark(model, settings, name=args.model, routers=str(_routers(args, g)))
+        from routertune import detach_routers
+
+        detach_routers(model)
+        cells = [
+            {
+                "context": cell["context"],
+                "capacity": cell["capacity_overall"],
+                "speedup": cell["speedup"],
+                "kv_cache_bytes": cell["kv_cache_bytes"],
+            }
+            for cell in report["results"]
+        ]
+        record = {
+            "granularity": g,
+            "skip": report["skip"],
+            "skipped_units": n_drop if skip_ratio is not None else None,
+            "cells": cells,
+            "settings": report["settings"],
+            "environment": report["environment"],
+            "threads": args.threads,
+        }
+        atomic_write_text(out, json.dumps(record, indent=1) + "\n")
+        for cell in cells:
+            sp = cell["speedup"]
+            print(f"{g} ctx {cell['context']}: prefill {sp['prefill']['measured']:.3f} (ideal {sp['prefill']['ideal']:.3f}) "
+                  f"decode {sp['decode']['measured']:.3f} (ideal {sp['decode']['ideal']:.3f})", flush=True)  # fmt: skip
+
+
+def _difference(first: dict[str, Any], second: dict[str, Any]) -> dict[str, float]:
+    from routertune.evaluation import paired_difference
+
+    diff = paired_difference(first["eval"], second["eval"])
+    return {"difference": diff["difference"], "stderr": diff["stderr"]}
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from routertune.io_utils import atomic_write_text
+
+    dense = _find(args, "dense")
+    if dense is None:
+        raise SystemExit("no dense point yet: run `eval` first")
+    rows = []
+    for g in GRANULARITIES:
+        row: dict[str, Any] = {"granularity": g, "paper": PAPER["rows"][g]}
+        routers = _routers(args, g)
+        if (routers / "train_results.json").exists():
+            trained = json.loads((routers / "train_results.json").read_text())
+            row["train"] = {"steps": trained.get("steps"), "wall_time_s": trained.get("wall_time_s")}
+        routed = _find(args, _routed_label(g))
+        if routed is not None:
+            n_drop = _n_drop(routed)
+            per_layer = routed["eval"]["capacity"]["per_layer"]
+            row["routed"] = {
+                "point": routed["point"],
+                "capacity": _capacity(routed),
+                "average": routed["eval"]["average"]["value"],
+                "vs_dense": _difference(dense, routed),
+                "ideal_512": routed["ideal_speedup_512"],
+            }
+            drop = dense if n_drop == 0 else _find(args, _drop_label(g, n_drop))
+            row["drop"] = {"point": _drop_label(g, n_drop) if n_drop else "dense", "n_drop": n_drop,
+                           "capacity": 1 - n_drop / len(per_layer)}  # fmt: skip
+            if drop is not None:
+                row["drop"]["average"] = drop["eval"]["average"]["value"]
+                row["drop"]["vs_dense"] = _difference(dense, drop)
+                row["routed"]["vs_drop"] = _difference(drop, routed)
+        speed_path = Path(args.points_dir) / f"speed-{g}.json"
+        if speed_path.exists():
+            speed = json.loads(speed_path.read_text())
+            row["speed"] = {
+                str(cell["context"]): {
+                    phase: {k: cell["speedup"][phase][k] for k in ("measured", "ideal")}
+                    for phase in ("prefill", "decode")
+                }
+                for cell in speed["cells"]
+            }
+            row["speed_rule"] = speed["skip"]["rule"]
+            row["speed_threads"] = speed["threads"]
+            row["speed_load"] = [
+                speed["environment"].get("load_average_start"),
+                speed["environment"].get("load_average_end"),
+            ]
+        rows.append(row)
+    data = {
+        "schema": "routertune.granularity_table/1",
+        "model": args.model,
+        "documents": sum(t["samples"] for t in dense["eval"]["tasks"].values()),
+        "tasks": list(dense["eval"]["tasks"]),
+        "settings": dense["eval"]["settings"],
+        "dense_average": dense["eval"]["average"]["value"],
+        "paper": {"model": PAPER["model"], "dense": PAPER["dense"]},
+        "rows": rows,
+    }
+    out = Path(args.output)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(data, indent=1) + "\n")
+    atomic_write_text(out.with_suffix(".md"), markdown(data))
+    print(markdown(data))
+
+
+def _points(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _diff(d: dict[str, float] | None) -> str:
+    return f"{100 * d['difference']:+.2f} +- {100 * d['stderr']:.2f}" if d else "not run"
+
+
+def _speed(row: dict[str, Any], context: str, phase: str) -> str:
+    cell = row.get("speed", {}).get(context)
+    return f"{cell[phase]['measured']:.3f}x ({cell[phase]['ideal']:.3f}x)" if cell else "not run"
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The table: one row per granularity; every number is one of ``data``'s (tests check it)."""
+    contexts = sorted({c for r in data["rows"] for c in r.get("speed", {})}, key=int) or ["512", "2048"]
+    speed_heads = " | ".join(f"{phase} {c}" for c in contexts for phase in ("prefill", "decode"))
+    settings = data["settings"]
+    lines = [
+        f"# Six granularities: {data['model']}",
+        "",
+        "Written by `benchmarks/granularity_table.py report`; the method and the commands are in that",
+        "script's docstring.",
+        "",
+        f"{data['documents']} documents ({len(data['tasks'])} tasks: {', '.join(data['tasks'])}; the first "
+        f"{settings['limit']} of each, MMLU: {settings['task_limits']}); dense average "
+        f"{_points(data['dense_average'])}. Averages and paired differences in points, +- one standard error; "
+        '"drop" is the static drop of the same unit with the same compute; speed: measured (FLOP ideal of '
+        "the benchmarked skips), batch 1.",
+        "",
+        f"| granularity | capacity | average | vs dense | drop | drop average | routed - drop | {speed_heads} "
+        f"| FLOP ideal 512 (prefill/decode) | paper: average (dense {data['paper']['dense']}) | paper: speedup |",
+        "|---" * (10 + 2 * len(contexts)) + "|",
+    ]
+    for row in data["rows"]:
+        paper = row["paper"]
+        about = "about " if paper.get("about") else ""
+        paper_cells = f"{about}{paper['average']:.1f} | {paper['speedup']:.2f}x"
+        routed, drop = row.get("routed"), row.get("drop")
+        if routed is None:
+            cells = ["not run"] * 7
+        else:
+            drop_avg = _points(drop["average"]) if "average" in drop else "not run"
+            cells = [
+                f"{routed['capacity']:.3f}",
+                _points(routed["average"]),
+                _diff(routed["vs_dense"]),
+                f"{drop['point']} ({drop['capacity']:.3f})",
+                drop_avg,
+                _diff(routed.get("vs_drop")),
+            ]
+            ideal = routed["ideal_512"]
+            cells.append(f"{ideal['prefill']:.3f}x / {ideal['decode']:.3f}x")
+        speeds = [_speed(row, c, p) for c in contexts for p in ("prefill", "decode")]
+        cells = [row["granularity"], *cells[:6], *speeds, cells[6], paper_cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    speed_notes = [
+        f"{r['granularity']}: {r['speed_rule']} ({r['speed_threads']} threads, load {r['speed_load']})"
+        for r in data["rows"]
+        if "speed" in r
+    ]
+    lines += [
+        "",
+        f"Paper: {data['paper']['model']}, eight-task lm-eval average (no ARC-Easy); its speedup measurement is "
+        "not stated.",
+        "",
+        "Speed rows: " + ("; ".join(speed_notes) if speed_notes else "none run") + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=curve.MODEL)
+    parser.add_argument("--routers", default=str(RESULTS / "routers-smollm2-{granularity}"),
+                        help="router folder of each granularity ({granularity} is replaced)")  # fmt: skip
+    parser.add_argument("--points_dir", default=str(RESULTS / "granularity_table"))
+    parser.add_argument("--curve_dir", default=str(RESULTS / "capacity_curve_400"),
+                        help="points of benchmarks/capacity_curve.py on the same documents, reused")  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train")
+    tr.add_argument("--granularities", default=",".join(GRANULARITIES))
+    tr.add_argument("--run_dir", default="runs/granularity_table", help="training output folders")
+    tr.add_argument("--max_train_samples", type=int, default=1000)
+    ev = sub.add_parser("eval")
+    ev.add_argument("--granularities", default=",".join(GRANULARITIES))
+    ev.add_argument("--limit", type=int, default=400)
+    ev.add_argument("--mmlu_limit", type=int, default=8)
+    ev.add_argument("--tasks", default=None, help="comma-separated (default: the nine offline tasks)")
+    ev.add_argument("--batch_size", type=int, default=8)
+    ev.add_argument("--threads", type=int, default=1)
+    sp = sub.add_parser("speed")
+    sp.add_argument("--granularities", default=",".join(GRANULARITIES))
+    sp.add_argument("--contexts", default="512,2048")
+    sp.add_argument("--new_tokens", type=int, default=32)
+    sp.add_argument("--repeats", type=int, default=5)
+    sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--force", action="store_true")
+    rp = sub.add_parser("report")
+    rp.add_argument("--output", default=str(RESULTS / "granularity_table"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    {"train": cmd_train, "eval": cmd_eval, "speed": cmd_speed, "report": cmd_report}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
