@@ -369,9 +369,8 @@ def test_real_default_model_bench(tmp_path):
     assert cell["kv_cache_bytes"]["routed"] == cell["kv_cache_bytes"]["oracle"] == 22 * per_layer
 
 
-def test_headroom_script_on_a_tiny_model(tmp_path):
-    """benchmarks/headroom.py end to end: per-example oracle routes, run as per-row forced routes
-    in mixed batches, cost what the same skips cost on their own."""
+def _tiny_chat_llama(folder: Path, layers: int):
+    """A saved tiny Llama with a byte-level chat tokenizer (what the builtin data needs)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from helpers import byte_chat_tokenizer
@@ -379,13 +378,20 @@ def test_headroom_script_on_a_tiny_model(tmp_path):
     tokenizer = byte_chat_tokenizer(model_max_length=4096, padding_side="left")
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
-    folder = tmp_path / "tiny"
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder, model
+
+
+def test_headroom_script_on_a_tiny_model(tmp_path):
+    """benchmarks/headroom.py end to end: per-example oracle routes, run as per-row forced routes
+    in mixed batches, cost what the same skips cost on their own."""
+    folder, _ = _tiny_chat_llama(tmp_path / "tiny", layers=4)
     out = tmp_path / "headroom"
     _script("headroom").main(["--model", str(folder), "--n_fit", "6", "--n_test", "6", "--max_length", "512",
                               "--batch_size", "3", "--greedy_width", "2", "--output", str(out)])  # fmt: skip
@@ -407,22 +413,9 @@ def test_granularity_table_script_on_a_tiny_model(tmp_path):
     """benchmarks/granularity_table.py end to end on a tiny model: train (one step), evaluate
     routed points and the drop of the same unit and compute, time them, report; every number of
     the table is the recorded one."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from helpers import byte_chat_tokenizer
     from routertune.baselines import n_drop_for_capacity
 
-    tokenizer = byte_chat_tokenizer(model_max_length=4096, padding_side="left")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    folder = tmp_path / "tiny"
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder, model = _tiny_chat_llama(tmp_path / "tiny", layers=6)
     # mlp_sequence: random routers (they skip about half), so that a drop of the same compute exists
     attach_routers(model, RouterConfig(granularity="mlp_sequence"))
     randomize_routers(model, seed=1)
