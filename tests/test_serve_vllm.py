@@ -239,6 +239,14 @@ def test_served_folder_refuses_bad_input_before_writing(tmp_path):
         prepare_served_folder(fam["plain_dir"], bad_dir, out)
     with pytest.raises(ServingError, match="router_config.json is missing"):
         prepare_served_folder(fam["plain_dir"], other_dir.with_name("nowhere"), out)
+    # routers trained with a LoRA adapter (serving would drop it)
+    lora_dir = tmp_path / "lora-routers"
+    lora_dir.mkdir()
+    for name in ("router_config.json", "routers.safetensors"):
+        (lora_dir / name).write_bytes((fam["routers_dir"] / name).read_bytes())
+    (lora_dir / "adapter_config.json").write_text("{}")
+    with pytest.raises(ServingError, match="holds a LoRA adapter trained with its routers"):
+        prepare_served_folder(fam["plain_dir"], lora_dir, out)
     assert not out.exists()
 
 

@@ -19,7 +19,12 @@ from transformers import TrainerCallback  # noqa: E402
 
 from routertune import load_routers  # noqa: E402
 from routertune.data import DataFormatError  # noqa: E402
-from routertune.routing.attach import get_router_config, router_parameters  # noqa: E402
+from routertune.routing.attach import (  # noqa: E402
+    get_router_config,
+    plain_parameter_names,
+    routed_layers,
+    router_parameters,
+)
 from routertune.train import main  # noqa: E402
 from routertune.training.arguments import TrainArgumentError, parse_args  # noqa: E402
 from routertune.training.run import run  # noqa: E402
@@ -188,6 +193,11 @@ def test_router_dir_starts_from_saved_routers(tiny, tmp_path):
     again = saved_router_weights(tmp_path / "again")
     for key in first:
         torch.testing.assert_close(again[key], first[key])
+    # routers trained on top of a LoRA adapter are no start for new training (the output would lack it)
+    (tmp_path / "first" / "adapter_config.json").write_text("{}")
+    with pytest.raises(TrainArgumentError, match="holds a LoRA adapter trained with its routers"):
+        train(tiny, tmp_path / "third", "--router_dir", str(tmp_path / "first"))
+    assert not (tmp_path / "third" / "routers.safetensors").exists()
 
 
 def test_bf16_mixed_precision_trains_float32_routers(tiny, tmp_path):
@@ -292,18 +302,21 @@ def test_lora_and_routers_are_trained_and_saved_together(tiny, tmp_path):
     assert adapter and not any("router" in k for k in adapter)  # routers are never LoRA-wrapped
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at 0
     assert all(w.abs().sum() > 0 for w in saved_router_weights(out).values())
+    # every trained LoRA tensor is in the file, routed sub-layers' too, under the plain names
+    routed = cap.model.base_model.model
+    lora_names = [n for n, _ in cap.model.named_parameters() if "lora_" in n]
+    trained_names = plain_parameter_names(routed, {n.replace(".default", ""): 0 for n in lora_names})
+    assert set(adapter) == set(trained_names)
+    assert any(".self_attn.q_proj." in k for k in adapter if f".layers.{max(routed_layers(routed))}." in k)
 
-    # base + adapter + routers reproduce the trained model
-    from peft import PeftModel
-
+    # base + routers (+ the adapter, merged on load) reproduce the trained model
     from routertune.loading import load_model_and_tokenizer
 
-    base, _ = load_model_and_tokenizer(tiny[0], device="cpu", progress=False)
-    load_routers(base, out)
-    restored = PeftModel.from_pretrained(base, str(out)).eval()
     trained = cap.model.eval()
     ids = torch.tensor([[1, 50, 60, 70, 80, 2]])
-    torch.testing.assert_close(restored(input_ids=ids).logits, trained(input_ids=ids).logits)
+    base, _ = load_model_and_tokenizer(tiny[0], device="cpu", progress=False)
+    load_routers(base, out)
+    torch.testing.assert_close(base(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
 
 
 def test_lora_resume_from_checkpoint(tiny, tmp_path):

@@ -105,7 +105,13 @@ def calibrate_command(
     from routertune.data import DataFormatError
     from routertune.loading import ModelResolutionError, load_model_and_tokenizer
     from routertune.routing.observe import measure_capacity
-    from routertune.routing.router_files import CONFIG_NAME, RouterLoadError, load_routers, read_router_files
+    from routertune.routing.router_files import (
+        CONFIG_NAME,
+        RouterLoadError,
+        copy_adapter,
+        load_routers,
+        read_router_files,
+    )
 
     # Cheap checks first: router files and data, before the model load.
     try:
@@ -160,6 +166,8 @@ def calibrate_command(
     )
     destination = output if output is not None else routers
     save_calibrated(lm, destination, report)
+    if copy_adapter(routers, destination):  # the routers go on with the LoRA they were trained with
+        typer.echo(f"LoRA adapter of {routers} copied beside them", err=True)
     typer.echo(f"thresholds saved to {Path(destination) / CONFIG_NAME}", err=True)
 
 

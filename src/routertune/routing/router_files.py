@@ -4,7 +4,10 @@
     load_routers(plain_model, "my_routers")      # attaches, then loads the weights and thresholds
 
 A folder records the router config, the routed layers and the shape of the model it was saved
-from; loading refuses files that do not match the model, naming what differs.
+from; loading refuses files that do not match the model, naming what differs. A folder written
+by ``routertune train --use_lora`` also holds the LoRA adapter trained with the routers
+(``adapter_config.json`` + ``adapter_model.safetensors``, plain module names): loading merges it
+into the model's weights before the routers attach, so the routed model is the one trained.
 """
 
 from __future__ import annotations
@@ -24,13 +27,19 @@ from routertune.routing.config import RouterConfig, RouterConfigError
 
 CONFIG_NAME = "router_config.json"
 WEIGHTS_NAME = "routers.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's names for a LoRA adapter saved beside the routers
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 __all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "RouterLoadError",
+    "copy_adapter",
     "copy_into_parameter",
     "load_routers",
+    "merge_lora_adapter",
     "read_router_files",
     "save_routers",
 ]
@@ -114,12 +123,18 @@ def read_router_files(path: str | Path) -> tuple[dict[str, Any], dict[str, torch
     return meta, tensors
 
 
-def load_routers(model: nn.Module, path: str | Path) -> nn.Module:
+def load_routers(model: nn.Module, path: str | Path, merge_adapter: bool = True) -> nn.Module:
     """Attaches (if needed) and loads saved routers into ``model``; returns it.
 
+    A LoRA adapter in the folder (trained together with the routers) is merged into the
+    model's weights first; the model must then be without routers. ``merge_adapter=False``
+    loads the routers only, for a caller that applies the adapter itself (training's resume,
+    a model already merged with ``PeftModel.from_pretrained(...).merge_and_unload()``).
+
     Raises:
-        RouterLoadError: missing or corrupt files, or routers saved for another model shape
-            (hidden size, layer count) or another granularity than the model's routers.
+        RouterLoadError: missing or corrupt files, routers saved for another model shape
+            (hidden size, layer count) or another granularity than the model's routers, or an
+            adapter that does not match the model or meets a model that already has routers.
     """
     meta, tensors = read_router_files(path)
     hidden, num_layers = model.config.hidden_size, len(decoder_layers(model))
@@ -136,6 +151,13 @@ def load_routers(model: nn.Module, path: str | Path) -> nn.Module:
     # The saved layer list is authoritative (it already excludes mask-anchor layers).
     config.layers = [int(i) for i in meta["routed_layers"]]
     current = get_router_config(model)
+    if merge_adapter and (Path(path) / ADAPTER_CONFIG).exists():
+        if current is not None:
+            raise RouterLoadError(
+                f"{path} holds a LoRA adapter trained with its routers; load it into a model without "
+                "routers (the adapter is merged into the plain weights before the routers attach)"
+            )
+        merge_lora_adapter(model, path)
     if current is None:
         attach_routers(model, config)
     elif current.granularity != config.granularity:
@@ -162,6 +184,50 @@ def load_routers(model: nn.Module, path: str | Path) -> nn.Module:
         current.threshold = config.threshold
         current.layer_thresholds = config.layer_thresholds
     return model
+
+
+def copy_adapter(source: str | Path, destination: str | Path) -> bool:
+    """Copies the LoRA adapter of router folder ``source`` (if any) into ``destination``, each
+    file atomically, so that routers saved elsewhere keep the adapter they were trained with.
+    Returns whether there was one."""
+    import shutil
+
+    source, destination = Path(source), Path(destination)
+    if not (source / ADAPTER_CONFIG).exists() or source.resolve() == destination.resolve():
+        return (source / ADAPTER_CONFIG).exists()
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        with atomic_path(destination / name) as tmp:
+            shutil.copyfile(source / name, tmp)
+    return True
+
+
+def merge_lora_adapter(model: nn.Module, path: str | Path) -> None:
+    """Merges the LoRA adapter saved in ``path`` into ``model``'s weights (in place).
+
+    Raises:
+        RouterLoadError: the adapter's files are unreadable, or its tensors and the model's
+            LoRA-wrapped modules do not match one to one.
+    """
+    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        config = PeftConfig.from_pretrained(str(path))
+        tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    except (OSError, ValueError) as exc:
+        raise RouterLoadError(f"LoRA adapter in {path} cannot be read: {exc}") from exc
+    peft_model = PeftModel(model, config)
+    result = set_peft_model_state_dict(peft_model, tensors)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        peft_model.unload()
+        raise RouterLoadError(
+            f"LoRA adapter in {path} does not match the model: "
+            f"{len(result.unexpected_keys)} tensors without a module (e.g. {result.unexpected_keys[:2]}), "
+            f"{len(missing)} modules without tensors (e.g. {missing[:2]})"
+        )
+    peft_model.merge_and_unload()
 
 
 def copy_into_parameter(param: nn.Parameter, value: torch.Tensor) -> None:

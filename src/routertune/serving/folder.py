@@ -67,6 +67,13 @@ def load_router_folder(
 
     routers_dir = Path(routers_dir)
     config_file, weights_file = routers_dir / ROUTER_CONFIG, routers_dir / ROUTER_WEIGHTS
+    if (routers_dir / "adapter_config.json").exists():
+        # Serving these routers on the plain weights would silently drop the LoRA they were trained with.
+        raise ServingError(
+            f"{routers_dir} holds a LoRA adapter trained with its routers, which serving does not apply: "
+            "merge it into the model (PeftModel.from_pretrained(model, folder).merge_and_unload(), "
+            "save_pretrained) and serve the merged model with a copy of the folder without the adapter files"
+        )
     for f in (config_file, weights_file):
         if not f.is_file():
             raise ServingError(f"{f} is missing (a router folder holds {ROUTER_CONFIG} and {ROUTER_WEIGHTS})")

@@ -128,6 +128,7 @@ def build_model(config: TrainConfig, progress: bool = True) -> tuple[Any, Any, A
     from routertune import RouterConfig, attach_routers, load_routers
     from routertune.loading import load_model_and_tokenizer
     from routertune.routing.attach import get_router_config, router_parameters
+    from routertune.routing.router_files import ADAPTER_CONFIG
 
     m = config.model
     # On the CPU first: the Trainer (or accelerate/DeepSpeed) places it on each process's device.
@@ -146,6 +147,12 @@ def build_model(config: TrainConfig, progress: bool = True) -> tuple[Any, Any, A
     model.config.use_cache = False
 
     if m.router_dir:
+        if (Path(m.router_dir) / ADAPTER_CONFIG).exists():
+            # Its routers were trained on top of that adapter, and the output would not carry it.
+            raise TrainArgumentError(
+                f"--router_dir {m.router_dir} holds a LoRA adapter trained with its routers; starting "
+                "from LoRA-trained routers is not supported (start from a router-only folder)"
+            )
         load_routers(model, m.router_dir)
         saved = get_router_config(model)
         # Training-time knobs come from the command line; the structure comes from the folder.

@@ -38,7 +38,7 @@ from routertune.routing.attach import (
     routed_layers,
     router_parameters,
 )
-from routertune.routing.router_files import CONFIG_NAME, load_routers, save_routers
+from routertune.routing.router_files import ADAPTER_WEIGHTS, CONFIG_NAME, load_routers, save_routers
 from routertune.training.losses import distill_positions, distillation_kl
 from routertune.training.sharding import full_copies
 
@@ -284,7 +284,7 @@ class RouterTrainer(Trainer):
             super()._load_from_checkpoint(resume_from_checkpoint, model)  # full weights, routers included
         if self.lora:
             load_lora_adapter(self.model, Path(resume_from_checkpoint))
-        load_routers(self.routed_model, resume_from_checkpoint)
+        load_routers(self.routed_model, resume_from_checkpoint, merge_adapter=False)  # adapter: above
 
     def save_final(self, output_dir: str | Path, extra_files: dict[str, str] | None = None) -> None:
         """Writes the trained result into ``output_dir`` without ever leaving it half-written.
@@ -334,10 +334,14 @@ def write_artifacts(trainer: RouterTrainer, folder: Path, trained: TrainedWeight
     routed = trainer.routed_model
     save_routers(routed, folder, weights=trained.routers)
     if trainer.lora:
-        # The final adapter under the plain model's module names, so it loads without routers;
-        # checkpoints keep the routed names (resume loads them into the routed model).
-        adapter = trained.adapter if checkpoint else plain_parameter_names(routed, trained.adapter)
-        trainer.model.save_pretrained(str(folder), state_dict=adapter)
+        # PEFT writes the tensors it finds under the model's own (routed) module names: given the
+        # plain names it silently dropped every routed sub-layer's LoRA. So it saves the routed
+        # names, and the final adapter is then renamed to the plain model's module names, so that
+        # it loads without routers; checkpoints keep the routed names (resume loads them into the
+        # routed model).
+        trainer.model.save_pretrained(str(folder), state_dict=trained.adapter)
+        if not checkpoint:
+            rename_to_plain_names(routed, folder / ADAPTER_WEIGHTS)
     if not trainer.router_only:
         state = routed.state_dict()
         if not checkpoint:
@@ -349,12 +353,23 @@ def write_artifacts(trainer: RouterTrainer, folder: Path, trained: TrainedWeight
             trainer.tokenizer.save_pretrained(str(folder))
 
 
+def rename_to_plain_names(routed: nn.Module, weights: Path) -> None:
+    """Rewrites a saved adapter's tensor names to the plain model's (atomically)."""
+    from safetensors.torch import load_file, save_file
+
+    from routertune.io_utils import atomic_path
+
+    tensors = plain_parameter_names(routed, load_file(str(weights)))
+    with atomic_path(weights) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+
+
 def load_lora_adapter(peft_model: nn.Module, folder: Path) -> None:
     """Loads a LoRA adapter saved by ``save_pretrained`` into an existing PEFT model."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = folder / "adapter_model.safetensors"
+    weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: {folder} holds no LoRA adapter to resume from")
     result = set_peft_model_state_dict(peft_model, load_file(str(weights)))
