@@ -133,26 +133,34 @@ def _n_drop(record: dict[str, Any]) -> int:
     return n_drop_for_capacity(_capacity(record), len(record["eval"]["capacity"]["per_layer"]))
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def train_into(model: str, flags: list[str], run: Path, folder: Path, label: str) -> None:
+    """Trains with ``routertune train <flags>`` into ``run`` (unless it holds a result) and
+    records the routers (and a LoRA adapter, if trained) in ``folder``."""
     from routertune.io_utils import atomic_dir
+    from routertune.routing.router_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
+    if not (run / "routers.safetensors").exists():
+        command = [sys.executable, "-m", "routertune.train", "--model_name_or_path", model, *flags,
+                   "--output_dir", str(run)]  # fmt: skip
+        print(f"{label}: training ({' '.join(command[2:])})", flush=True)
+        start = time.time()
+        subprocess.run(command, check=True)
+        print(f"{label}: trained in {time.time() - start:.0f} s", flush=True)
+    names = [*ROUTER_FILES, *((ADAPTER_CONFIG, ADAPTER_WEIGHTS) if (run / ADAPTER_CONFIG).exists() else ())]
+    with atomic_dir(folder) as tmp:
+        for name in names:
+            shutil.copy2(run / name, tmp / name)
+    print(f"{label}: recorded in {folder}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
     for g in _granularities(args.granularities):
         folder = _routers(args, g)
         if (folder / "routers.safetensors").exists():
             print(f"{g}: {folder} exists, skipped")
             continue
-        run = Path(args.run_dir) / g
-        if not (run / "routers.safetensors").exists():
-            command = [sys.executable, "-m", "routertune.train", "--model_name_or_path", args.model, *TRAIN_FLAGS,
-                       "--max_train_samples", str(args.max_train_samples), "--granularity", g, "--output_dir", str(run)]  # fmt: skip
-            print(f"{g}: training ({' '.join(command[2:])})", flush=True)
-            start = time.time()
-            subprocess.run(command, check=True)
-            print(f"{g}: trained in {time.time() - start:.0f} s", flush=True)
-        with atomic_dir(folder) as tmp:
-            for name in ROUTER_FILES:
-                shutil.copy2(run / name, tmp / name)
-        print(f"{g}: routers recorded in {folder}")
+        flags = [*TRAIN_FLAGS, "--max_train_samples", str(args.max_train_samples), "--granularity", g]
+        train_into(args.model, flags, Path(args.run_dir) / g, folder, g)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -197,9 +205,52 @@ def cmd_eval(args: argparse.Namespace) -> None:
         ensure(_drop_label(g, n_drop), _drop_label(g, n_drop), Path())
 
 
-def cmd_speed(args: argparse.Namespace) -> None:
-    from routertune import load_routers
+def speed_record(model, routers: Path, routed: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Times ``model`` with the routers of ``routers`` against dense (see the module docstring
+    for which skips), for a routed point evaluated as ``routed``; detaches them after."""
+    from routertune import detach_routers, load_routers
     from routertune.benchmark import BenchSettings, run_benchmark
+    from routertune.routing.attach import get_router_config
+
+    load_routers(model, routers)
+    granularity = get_router_config(model).granularity
+    n_units = len(routed["eval"]["capacity"]["per_layer"])
+    n_drop = _n_drop(routed)
+    skip_ratio = n_drop / n_units if granularity.endswith("sequence") else None
+    settings = BenchSettings(
+        contexts=tuple(int(c) for c in args.contexts.split(",")), batches=(1,), new_tokens=args.new_tokens,
+        repeats=args.repeats, variants=("dense", "routed"), skip_ratio=skip_ratio,
+    )  # fmt: skip
+    try:
+        report = run_benchmark(model, settings, name=args.model, routers=str(routers))
+    finally:
+        detach_routers(model)
+    cells = [
+        {
+            "context": cell["context"],
+            "capacity": cell["capacity_overall"],
+            "speedup": cell["speedup"],
+            "kv_cache_bytes": cell["kv_cache_bytes"],
+        }
+        for cell in report["results"]
+    ]
+    for cell in cells:
+        sp = cell["speedup"]
+        print(f"{routers.name} ctx {cell['context']}: prefill {sp['prefill']['measured']:.3f} (ideal "
+              f"{sp['prefill']['ideal']:.3f}) decode {sp['decode']['measured']:.3f} (ideal {sp['decode']['ideal']:.3f})",
+              flush=True)  # fmt: skip
+    return {
+        "granularity": granularity,
+        "skip": report["skip"],
+        "skipped_units": n_drop if skip_ratio is not None else None,
+        "cells": cells,
+        "settings": report["settings"],
+        "environment": report["environment"],
+        "threads": args.threads,
+    }
+
+
+def cmd_speed(args: argparse.Namespace) -> None:
     from routertune.io_utils import atomic_write_text
     from routertune.loading import load_model_and_tokenizer
 
@@ -214,41 +265,8 @@ def cmd_speed(args: argparse.Namespace) -> None:
         if routed is None:
             print(f"{g}: not evaluated yet (its capacity sets the skipped share), skipped")
             continue
-        n_units = len(routed["eval"]["capacity"]["per_layer"])
-        n_drop = _n_drop(routed)
-        skip_ratio = n_drop / n_units if g.endswith("sequence") else None
-        load_routers(model, _routers(args, g))
-        settings = BenchSettings(
-            contexts=tuple(int(c) for c in args.contexts.split(",")), batches=(1,), new_tokens=args.new_tokens,
-            repeats=args.repeats, variants=("dense", "routed"), skip_ratio=skip_ratio,
-        )  # fmt: skip
-        report = run_benchmark(model, settings, name=args.model, routers=str(_routers(args, g)))
-        from routertune import detach_routers
-
-        detach_routers(model)
-        cells = [
-            {
-                "context": cell["context"],
-                "capacity": cell["capacity_overall"],
-                "speedup": cell["speedup"],
-                "kv_cache_bytes": cell["kv_cache_bytes"],
-            }
-            for cell in report["results"]
-        ]
-        record = {
-            "granularity": g,
-            "skip": report["skip"],
-            "skipped_units": n_drop if skip_ratio is not None else None,
-            "cells": cells,
-            "settings": report["settings"],
-            "environment": report["environment"],
-            "threads": args.threads,
-        }
+        record = speed_record(model, _routers(args, g), routed, args)
         atomic_write_text(out, json.dumps(record, indent=1) + "\n")
-        for cell in cells:
-            sp = cell["speedup"]
-            print(f"{g} ctx {cell['context']}: prefill {sp['prefill']['measured']:.3f} (ideal {sp['prefill']['ideal']:.3f}) "
-                  f"decode {sp['decode']['measured']:.3f} (ideal {sp['decode']['ideal']:.3f})", flush=True)  # fmt: skip
 
 
 def _difference(first: dict[str, Any], second: dict[str, Any]) -> dict[str, float]:

@@ -452,3 +452,49 @@ def test_granularity_table_script_on_a_tiny_model(tmp_path):
     assert cells[5] == f"{100 * mlp['drop']['average']:.2f}"
     assert cells[7] == f"{mlp['speed']['16']['prefill']['measured']:.3f}x ({mlp['speed']['16']['prefill']['ideal']:.3f}x)"
     assert "not run" in lines["block_token"] and "about 61.0 | 1.25x" in lines["block_token"]
+
+
+def test_lora_table_script_on_a_tiny_model(tmp_path):
+    """benchmarks/lora_table.py on recorded rows as training writes them (routers alone, LoRA
+    alone with routers fixed to keep, LoRA + routers): evaluated with the adapters merged,
+    timed, reported; every number of the table is the recorded one."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from routertune.training.trainer import rename_to_plain_names
+
+    folder, model = _tiny_chat_llama(tmp_path / "tiny", layers=6)
+    for name, threshold, lora in (("attn_sequence", 0.5, False), ("lora", 0.0, True), ("lora-routers", 0.5, True)):
+        routed = copy.deepcopy(model)
+        attach_routers(routed, RouterConfig(threshold=threshold))
+        randomize_routers(routed, seed=2)
+        out = tmp_path / f"routers-{name}"
+        if lora:
+            config = LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+            peft_model = get_peft_model(routed, config)
+            peft_model.save_pretrained(str(out), state_dict={n: p for n, p in peft_model.named_parameters() if "lora_" in n})
+            rename_to_plain_names(routed, out / "adapter_model.safetensors")
+        save_routers(routed, out)
+    lora_table = _script("lora_table")
+    common = ["--model", str(folder), "--routers", str(tmp_path / "routers-{granularity}"),
+              "--points_dir", str(tmp_path / "points"), "--curve_dir", str(tmp_path / "no-curve")]  # fmt: skip
+    lora_table.main([*common, "train"])  # every row recorded: nothing to train
+    lora_table.main([*common, "eval", "--tasks", "arc_easy,rte", "--limit", "6"])
+    lora_table.main([*common, "speed", "--contexts", "16", "--new_tokens", "2", "--repeats", "1", "--threads", "1"])
+    out = tmp_path / "lora"
+    lora_table.main([*common, "report", "--output", str(out)])
+
+    rows = {r["row"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert rows["lora"]["capacity"] == 1.0 and "vs_lora" in rows["lora-routers"]
+    md = out.with_suffix(".md").read_text().splitlines()
+    lines = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ") for line in md}
+    both = rows["lora-routers"]
+    assert lines["lora-routers"][1:5] == [
+        f"{both['capacity']:.3f}",
+        f"{100 * both['average']:.2f}",
+        f"{100 * both['vs_dense']['difference']:+.2f} +- {100 * both['vs_dense']['stderr']:.2f}",
+        f"{100 * both['vs_lora']['difference']:+.2f} +- {100 * both['vs_lora']['stderr']:.2f}",
+    ]
+    assert lines["lora-routers"][6] == f"{both['speed']['16']['prefill']:.3f}x"
+    assert lines["lora"][6] == "1.000x (dense)" and lines["lora"][-2:] == ["71.0", "1.00x"]
