@@ -163,32 +163,42 @@ def cmd_train(args: argparse.Namespace) -> None:
         train_into(args.model, flags, Path(args.run_dir) / g, folder, g)
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    from routertune.io_utils import atomic_write_text
-    from routertune.loading import load_model_and_tokenizer
+class PointEvaluator:
+    """Evaluates points on the table's documents, each once: a point already recorded (in the
+    table's folder or the capacity curve's) is read back instead."""
 
-    torch.set_num_threads(args.threads)
-    points_dir = Path(args.points_dir)
-    points_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model_and_tokenizer(args.model, progress=False)
-    tasks = args.tasks.split(",") if args.tasks else None
+    def __init__(self, args: argparse.Namespace) -> None:
+        from routertune.loading import load_model_and_tokenizer
 
-    def ensure(label: str, point: str, routers: Path) -> dict[str, Any]:
+        torch.set_num_threads(args.threads)
+        self.args = args
+        Path(args.points_dir).mkdir(parents=True, exist_ok=True)
+        self.model, self.tokenizer = load_model_and_tokenizer(args.model, progress=False)
+        self.tasks = args.tasks.split(",") if args.tasks else None
+
+    def ensure(self, label: str, point: str, routers: Path) -> dict[str, Any]:
+        """The record of ``label``; evaluates ``point`` (with ``routers``) if there is none."""
+        from routertune.io_utils import atomic_write_text
+
+        args = self.args
         found = _find(args, label)
         if found is not None:
             print(f"{label}: recorded in {found['file']}")
             return found
         record = curve.evaluate_point(
-            model, tokenizer, point, routers, limit=args.limit, mmlu_limit=args.mmlu_limit,
-            batch_size=args.batch_size, tasks=tasks, threads=args.threads,
+            self.model, self.tokenizer, point, routers, limit=args.limit, mmlu_limit=args.mmlu_limit,
+            batch_size=args.batch_size, tasks=self.tasks, threads=args.threads,
         )  # fmt: skip
         record["point"] = label
-        atomic_write_text(curve.point_file(points_dir, label), json.dumps(record, indent=1) + "\n")
+        atomic_write_text(curve.point_file(Path(args.points_dir), label), json.dumps(record, indent=1) + "\n")
         print(
             f"{label}: average {record['eval']['average']['value']:.4f} ({record['seconds']} s)", flush=True
         )
         return _find(args, label)
 
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    ensure = PointEvaluator(args).ensure
     ensure("dense", "dense", Path())
     for g in _granularities(args.granularities):
         folder = _routers(args, g)
@@ -277,7 +287,6 @@ def _difference(first: dict[str, Any], second: dict[str, Any]) -> dict[str, floa
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from routertune.io_utils import atomic_write_text
 
     dense = _find(args, "dense")
     if dense is None:
@@ -334,10 +343,16 @@ def cmd_report(args: argparse.Namespace) -> None:
         "paper": {"model": PAPER["model"], "dense": PAPER["dense"]},
         "rows": rows,
     }
-    out = Path(args.output)
+    write_table(Path(args.output), data, markdown)
+
+
+def write_table(out: Path, data: dict[str, Any], render) -> None:
+    """``out``.json and ``out``.md (``render(data)``), each written atomically; the table printed."""
+    from routertune.io_utils import atomic_write_text
+
     atomic_write_text(out.with_suffix(".json"), json.dumps(data, indent=1) + "\n")
-    atomic_write_text(out.with_suffix(".md"), markdown(data))
-    print(markdown(data))
+    atomic_write_text(out.with_suffix(".md"), render(data))
+    print(render(data))
 
 
 def _points(x: float) -> str:
@@ -412,16 +427,36 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--model", default=curve.MODEL)
+    parser.add_argument("--routers", default=str(RESULTS / "routers-smollm2-{granularity}"),
+                        help="router folder of each row ({granularity} is replaced by its name)")  # fmt: skip
+    parser.add_argument("--points_dir", default=str(RESULTS / name))
+    parser.add_argument("--curve_dir", default=str(RESULTS / "capacity_curve_400"),
+                        help="points of benchmarks/capacity_curve.py on the same documents, reused")  # fmt: skip
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=int, default=400)
+    parser.add_argument("--mmlu_limit", type=int, default=8)
+    parser.add_argument("--tasks", default=None, help="comma-separated (default: the nine offline tasks)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--contexts", default="512,2048")
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--force", action="store_true")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=curve.MODEL)
-    parser.add_argument("--routers", default=str(RESULTS / "routers-smollm2-{granularity}"),
-                        help="router folder of each granularity ({granularity} is replaced)")  # fmt: skip
-    parser.add_argument("--points_dir", default=str(RESULTS / "granularity_table"))
-    parser.add_argument("--curve_dir", default=str(RESULTS / "capacity_curve_400"),
-                        help="points of benchmarks/capacity_curve.py on the same documents, reused")  # fmt: skip
+    add_common_arguments(parser, "granularity_table")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train")
     tr.add_argument("--granularities", default=",".join(GRANULARITIES))
@@ -429,18 +464,10 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--max_train_samples", type=int, default=1000)
     ev = sub.add_parser("eval")
     ev.add_argument("--granularities", default=",".join(GRANULARITIES))
-    ev.add_argument("--limit", type=int, default=400)
-    ev.add_argument("--mmlu_limit", type=int, default=8)
-    ev.add_argument("--tasks", default=None, help="comma-separated (default: the nine offline tasks)")
-    ev.add_argument("--batch_size", type=int, default=8)
-    ev.add_argument("--threads", type=int, default=1)
+    add_eval_arguments(ev)
     sp = sub.add_parser("speed")
     sp.add_argument("--granularities", default=",".join(GRANULARITIES))
-    sp.add_argument("--contexts", default="512,2048")
-    sp.add_argument("--new_tokens", type=int, default=32)
-    sp.add_argument("--repeats", type=int, default=5)
-    sp.add_argument("--threads", type=int, default=2)
-    sp.add_argument("--force", action="store_true")
+    add_speed_arguments(sp)
     rp = sub.add_parser("report")
     rp.add_argument("--output", default=str(RESULTS / "granularity_table"))
     args = parser.parse_args(argv)

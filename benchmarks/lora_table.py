@@ -42,7 +42,6 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import capacity_curve as curve  # noqa: E402
 import granularity_table as table  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -80,31 +79,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from routertune.io_utils import atomic_write_text
-    from routertune.loading import load_model_and_tokenizer
-
-    torch.set_num_threads(args.threads)
-    points_dir = Path(args.points_dir)
-    points_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model_and_tokenizer(args.model, progress=False)
-    tasks = args.tasks.split(",") if args.tasks else None
-
-    def ensure(label: str, point: str, routers: Path) -> dict[str, Any]:
-        found = table._find(args, label)
-        if found is not None:
-            print(f"{label}: recorded in {found['file']}")
-            return found
-        record = curve.evaluate_point(
-            model, tokenizer, point, routers, limit=args.limit, mmlu_limit=args.mmlu_limit,
-            batch_size=args.batch_size, tasks=tasks, threads=args.threads,
-        )  # fmt: skip
-        record["point"] = label
-        atomic_write_text(curve.point_file(points_dir, label), json.dumps(record, indent=1) + "\n")
-        print(
-            f"{label}: average {record['eval']['average']['value']:.4f} ({record['seconds']} s)", flush=True
-        )
-        return table._find(args, label)
-
+    ensure = table.PointEvaluator(args).ensure
     ensure("dense", "dense", Path())
     for row, spec in ROWS.items():
         folder = _folder(args, row)
@@ -137,7 +112,6 @@ def cmd_speed(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from routertune.io_utils import atomic_write_text
 
     dense = table._find(args, "dense")
     if dense is None:
@@ -179,10 +153,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         "paper": {"model": PAPER["model"], "dense": PAPER["dense"]},
         "rows": rows,
     }
-    out = Path(args.output)
-    atomic_write_text(out.with_suffix(".json"), json.dumps(data, indent=1) + "\n")
-    atomic_write_text(out.with_suffix(".md"), markdown(data))
-    print(markdown(data))
+    table.write_table(Path(args.output), data, markdown)
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -228,27 +199,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=curve.MODEL)
-    parser.add_argument("--routers", default=str(RESULTS / "routers-smollm2-{granularity}"),
-                        help="router folder of each row ({granularity}: attn_sequence, lora, lora-routers)")  # fmt: skip
-    parser.add_argument("--points_dir", default=str(RESULTS / "lora_table"))
-    parser.add_argument("--curve_dir", default=str(RESULTS / "capacity_curve_400"))
+    table.add_common_arguments(parser, "lora_table")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train")
     tr.add_argument("--run_dir", default="runs/lora_table")
     tr.add_argument("--max_train_samples", type=int, default=1000)
-    ev = sub.add_parser("eval")
-    ev.add_argument("--limit", type=int, default=400)
-    ev.add_argument("--mmlu_limit", type=int, default=8)
-    ev.add_argument("--tasks", default=None)
-    ev.add_argument("--batch_size", type=int, default=8)
-    ev.add_argument("--threads", type=int, default=1)
-    sp = sub.add_parser("speed")
-    sp.add_argument("--contexts", default="512,2048")
-    sp.add_argument("--new_tokens", type=int, default=32)
-    sp.add_argument("--repeats", type=int, default=5)
-    sp.add_argument("--threads", type=int, default=2)
-    sp.add_argument("--force", action="store_true")
+    table.add_eval_arguments(sub.add_parser("eval"))
+    table.add_speed_arguments(sub.add_parser("speed"))
     rp = sub.add_parser("report")
     rp.add_argument("--output", default=str(RESULTS / "lora_table"))
     args = parser.parse_args(argv)
