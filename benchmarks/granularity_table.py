@@ -297,7 +297,14 @@ def cmd_report(args: argparse.Namespace) -> None:
         routers = _routers(args, g)
         if (routers / "train_results.json").exists():
             trained = json.loads((routers / "train_results.json").read_text())
-            row["train"] = {"steps": trained.get("steps"), "wall_time_s": trained.get("wall_time_s")}
+            validation = trained.get("validation") or {}
+            row["train"] = {
+                "steps": trained.get("steps"),
+                "wall_time_s": trained.get("wall_time_s"),
+                "heldout_loss": (validation.get("routed") or {}).get("loss"),
+                "heldout_capacity": ((validation.get("routed") or {}).get("capacity") or {}).get("overall"),
+                "heldout_dense_loss": (validation.get("dense") or {}).get("loss"),
+            }
         routed = _find(args, _routed_label(g))
         if routed is not None:
             n_drop = _n_drop(routed)
@@ -355,6 +362,12 @@ def write_table(out: Path, data: dict[str, Any], render) -> None:
     print(render(data))
 
 
+def _loss(data: dict[str, Any]) -> str:
+    losses = {f"{(r.get('train') or {}).get('heldout_dense_loss'):.3f}" for r in data["rows"]
+              if (r.get("train") or {}).get("heldout_dense_loss") is not None}  # fmt: skip
+    return ", ".join(sorted(losses)) or "not run"
+
+
 def _points(x: float) -> str:
     return f"{100 * x:.2f}"
 
@@ -373,6 +386,7 @@ def markdown(data: dict[str, Any]) -> str:
     contexts = sorted({c for r in data["rows"] for c in r.get("speed", {})}, key=int) or ["512", "2048"]
     speed_heads = " | ".join(f"{phase} {c}" for c in contexts for phase in ("prefill", "decode"))
     settings = data["settings"]
+    limits = (settings.get("task_limits") or {}).get("mmlu", settings["limit"])
     lines = [
         f"# Six granularities: {data['model']}",
         "",
@@ -380,14 +394,15 @@ def markdown(data: dict[str, Any]) -> str:
         "script's docstring.",
         "",
         f"{data['documents']} documents ({len(data['tasks'])} tasks: {', '.join(data['tasks'])}; the first "
-        f"{settings['limit']} of each, MMLU: {settings['task_limits']}); dense average "
+        f"{settings['limit']} of each, {limits} per MMLU subject); dense average "
         f"{_points(data['dense_average'])}. Averages and paired differences in points, +- one standard error; "
         '"drop" is the static drop of the same unit with the same compute; speed: measured (FLOP ideal of '
         "the benchmarked skips), batch 1.",
         "",
         f"| granularity | capacity | average | vs dense | drop | drop average | routed - drop | {speed_heads} "
-        f"| FLOP ideal 512 (prefill/decode) | paper: average (dense {data['paper']['dense']}) | paper: speedup |",
-        "|---" * (10 + 2 * len(contexts)) + "|",
+        f"| FLOP ideal 512 (prefill/decode) | held-out loss (capacity) | paper: average (dense "
+        f"{data['paper']['dense']}) | paper: speedup |",
+        "|---" * (11 + 2 * len(contexts)) + "|",
     ]
     for row in data["rows"]:
         paper = row["paper"]
@@ -409,7 +424,13 @@ def markdown(data: dict[str, Any]) -> str:
             ideal = routed["ideal_512"]
             cells.append(f"{ideal['prefill']:.3f}x / {ideal['decode']:.3f}x")
         speeds = [_speed(row, c, p) for c in contexts for p in ("prefill", "decode")]
-        cells = [row["granularity"], *cells[:6], *speeds, cells[6], paper_cells]
+        train = row.get("train") or {}
+        heldout = (
+            f"{train['heldout_loss']:.3f} ({train['heldout_capacity']:.3f})"
+            if train.get("heldout_loss") is not None
+            else "not run"
+        )
+        cells = [row["granularity"], *cells[:6], *speeds, cells[6], heldout, paper_cells]
         lines.append("| " + " | ".join(cells) + " |")
     speed_notes = [
         f"{r['granularity']}: {r['speed_rule']} ({r['speed_threads']} threads, load {r['speed_load']})"
@@ -419,7 +440,8 @@ def markdown(data: dict[str, Any]) -> str:
     lines += [
         "",
         f"Paper: {data['paper']['model']}, eight-task lm-eval average (no ARC-Easy); its speedup measurement is "
-        "not stated.",
+        "not stated. Held-out loss: the routed model's LM loss on the 99 held-out builtin examples of its "
+        f"training run, at the capacity it took there (dense {_loss(data)}).",
         "",
         "Speed rows: " + ("; ".join(speed_notes) if speed_notes else "none run") + ".",
         "",
