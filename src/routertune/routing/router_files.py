@@ -193,12 +193,12 @@ def copy_adapter(source: str | Path, destination: str | Path) -> bool:
     import shutil
 
     source, destination = Path(source), Path(destination)
-    if not (source / ADAPTER_CONFIG).exists() or source.resolve() == destination.resolve():
-        return (source / ADAPTER_CONFIG).exists()
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        with atomic_path(destination / name) as tmp:
-            shutil.copyfile(source / name, tmp)
-    return True
+    found = (source / ADAPTER_CONFIG).exists()
+    if found and source.resolve() != destination.resolve():
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            with atomic_path(destination / name) as tmp:
+                shutil.copyfile(source / name, tmp)
+    return found
 
 
 def merge_lora_adapter(model: nn.Module, path: str | Path) -> None:
