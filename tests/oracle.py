@@ -86,6 +86,21 @@ class ZeroedSublayers:
             h.remove()
 
 
+def split_threshold(scores: torch.Tensor) -> float:
+    """A threshold that splits ``scores`` near their median, midway across the widest gap
+    between neighbouring scores in their middle half: no score sits at (or within rounding of)
+    the threshold, so the routed model, whose kernels round differently from this oracle's
+    (batch sizes, CPUs), takes the same decisions."""
+    s = scores.flatten().sort().values
+    n = s.numel()
+    if n < 2:
+        return float(s[0]) if n else 0.5
+    lo, hi = max(1, n // 4), max(1, min(n - 1, (3 * n) // 4))
+    gaps = s[lo : hi + 1] - s[lo - 1 : hi]
+    k = lo + int(gaps.argmax())
+    return float((s[k - 1] + s[k]) / 2)
+
+
 def hand_routed_logits(
     plain: nn.Module,
     routers: dict[int, tuple[torch.Tensor, float | None]],
@@ -98,7 +113,8 @@ def hand_routed_logits(
 
     Args:
         routers: layer index -> (router weight ``(1, C)``, threshold); a threshold of None is
-            set to the median score of the layer's decision units, so its decisions are mixed.
+            set near the median score of the layer's decision units (:func:`split_threshold`),
+            so its decisions are mixed.
         granularity: ``<attn|mlp|block>_<sequence|token>``.
         routing_mask: ``(B, T)`` tokens a sequence router decides on (padding excluded anyway).
     """
@@ -129,7 +145,7 @@ def hand_routed_logits(
             x = (x * w).sum(1) / w.sum(1)  # (B, C)
         score = torch.sigmoid(x @ weight.float().reshape(-1, 1)).squeeze(-1)
         if threshold is None:
-            threshold = float((score if unit == "sequence" else score[valid]).median())
+            threshold = split_threshold(score if unit == "sequence" else score[valid])
         thresholds[idx] = threshold
         keep = (score - threshold) >= 0
         if unit == "token":
