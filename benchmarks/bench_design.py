@@ -4,10 +4,13 @@
     OMP_NUM_THREADS=2 /work/venv/bin/python benchmarks/bench_design.py --only kv_rows --context 512
 
 (a) ``kv_rows``: ``attn_sequence`` with a mixed batch (batch 8, half the rows skip every routed
-    layer). The current design runs attention on the kept rows only and writes ZERO key/value rows
-    for the skipped ones (``RowsOfCache``) so the batch cache stays rectangular. Compared with:
-    computing the skipped rows' keys/values anyway (real K/V for every row, queries/attention/o
-    for the kept rows), and with the seed's way (attention for every row, update masked to 0).
+    layer). The current design runs attention on the kept rows only, and a mixed layer of a
+    dynamic cache holds the kept rows' keys/values alone (``CompactRows``: no per-step gather).
+    Compared with: the previous design, ZERO key/value rows for the skipped ones so every layer's
+    cache is batch-wide, the kept rows gathered back at every step (what a static cache still
+    does); computing the skipped rows' keys/values anyway (real K/V for every row,
+    queries/attention/o for the kept rows); and the seed's way (attention for every row, update
+    masked to 0).
 (b) ``token_attn``: ``attn_token`` with about half the tokens kept in every routed layer. The
     current design computes K/V for every token and queries/attention/o_proj for kept tokens only
     (gathered, padded to the row with most kept tokens); compared with computing everything and
@@ -35,6 +38,7 @@ from typing import Any
 import torch
 
 import routertune.routing.layers as L
+import routertune.routing.routes as R
 import routertune.routing.token_attention as TA
 from routertune import RouterConfig, attach_routers
 from routertune.benchmark import interleaved_runs, load_bench_model, routers_detached, timed_generation
@@ -197,7 +201,8 @@ def measure_kv_rows(model, args, shape) -> list[dict[str, Any]]:
         keep[i] = k
     variants = {
         "dense": lambda: routers_detached(model),
-        "zero_kv_rows": contextlib.nullcontext,  # the library as it is
+        "compact_rows": contextlib.nullcontext,  # the library as it is
+        "zero_kv_rows": lambda: patched(R, "COMPACT_LAYER_CLASSES", {}),
         "all_rows_kv": lambda: patched(L.RoutedAttention, "_run_rows", _attention_rows_with_all_kv),
         "compute_all_mask": lambda: patched(L, "_rows_of_call", lambda *a: None),
     }
@@ -213,12 +218,13 @@ def measure_kv_rows(model, args, shape) -> list[dict[str, Any]]:
         half = dict.fromkeys(layers, 0.5)
         flops = {
             "dense": phase_totals(shape, context, batch, args.new_tokens, None),
-            "zero_kv_rows": phase_totals(shape, context, batch, args.new_tokens, routed_works("attn_sequence", half, set())),
+            "compact_rows": phase_totals(shape, context, batch, args.new_tokens, routed_works("attn_sequence", half, set())),
             "all_rows_kv": phase_totals(
                 shape, context, batch, args.new_tokens, dict.fromkeys(layers, LayerWork(q_o=0.5, kv=1.0, core=0.5))
             ),
             "compute_all_mask": phase_totals(shape, context, batch, args.new_tokens, None),
         }
+        flops["zero_kv_rows"] = flops["compact_rows"]
         out.append({"context": context, "batch": batch, "kept_rows_per_layer": batch // 2,
                     "variants": summarize(times, kv, flops)})
         print(f"kv_rows context {context}: " + _line(out[-1]), file=sys.stderr, flush=True)

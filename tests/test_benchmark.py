@@ -329,8 +329,10 @@ def test_design_script_alternatives_compute_the_same_and_report(tmp_path):
     assert set(report["runs"]) == {"kv_rows", "token_attn"}
     assert report["runs"]["kv_rows"]["environment"]["threads"] == 1
     kv_rows = report["runs"]["kv_rows"]["entries"][0]["variants"]
-    assert set(kv_rows) == {"dense", "zero_kv_rows", "all_rows_kv", "compute_all_mask"}
-    assert kv_rows["all_rows_kv"]["prefill_ideal"] < kv_rows["zero_kv_rows"]["prefill_ideal"]
+    assert set(kv_rows) == {"dense", "compact_rows", "zero_kv_rows", "all_rows_kv", "compute_all_mask"}
+    assert kv_rows["all_rows_kv"]["prefill_ideal"] < kv_rows["compact_rows"]["prefill_ideal"]
+    # the compact layers hold half their rows: less KV than the batch-wide zero-row buffers
+    assert kv_rows["compact_rows"]["kv_cache_bytes"] < kv_rows["zero_kv_rows"]["kv_cache_bytes"]
     assert "(b) attn_token" in out.with_suffix(".md").read_text()
     # A later run of one measurement keeps the others.
     design.main(["--model", "random:llama-tiny", "--router_layers", "2", "--threads", "1", "--repeats", "1",

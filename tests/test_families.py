@@ -1,7 +1,8 @@
 """Every supported decoder family, every granularity it has, as a tiny random model: routers on is
 the plain model, skipping is the plain model with those sub-layers removed, mixed decisions equal
-the hand oracle, cached generation equals uncached, skipped layers store no KV, routers learn
-through the straight-through gate, and saved routers load back to the same outputs."""
+the hand oracle, cached generation equals uncached, skipped layers store no KV (and a layer that
+some rows skip holds the kept rows only), routers learn through the straight-through gate, and
+saved routers load back to the same outputs."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import copy
 import pytest
 import torch
 
+import routertune.routing.routes as routes_module
 from routertune import GRANULARITIES, RouterConfig, attach_routers, load_routers, save_routers
-from routertune.kv_cache import kv_cache_layer_lengths
+from routertune.kv_cache import kv_cache_bytes, kv_cache_layer_lengths
 from routertune.routing.attach import routed_layers, router_parameters, set_thresholds
 from routertune.routing.observe import router_probabilities, track_capacity
 
@@ -182,6 +184,44 @@ def test_static_cache_equals_dynamic_cache_on_left_padded_batches(family, granul
     assert all(0 < k < t for k, t in dynamic_stats.counts.values())  # rows / tokens decide differently
     assert torch.equal(static.sequences, dynamic.sequences)
     torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), rtol=1e-5, atol=1e-5)
+
+
+def _rows_held(layer) -> int:
+    keys = getattr(layer, "keys", None)
+    return int(keys.shape[0]) if isinstance(keys, torch.Tensor) and keys.numel() else 0
+
+
+def test_mixed_layer_caches_only_its_kept_rows(family, monkeypatch):
+    """On a dynamic cache a layer that some rows skip holds the kept rows' keys/values alone (no
+    zero rows, no per-step gather); generation equals the zero-row design's, which keeps every
+    row in the layer's buffer (a static cache's way)."""
+    ids, mask, _ = left_padded_batch([9, 6, 9, 4], seed=15)
+    plain = tiny_model(family)
+    model = copy.deepcopy(plain)
+    attach_routers(model, RouterConfig(granularity="attn_sequence", router_layers=3))
+    randomize_routers(model, seed=14)
+    hand_route(model, plain, "attn_sequence", ids, mask, median=True)  # rows split in every routed layer
+    compact = greedy(model, ids, mask, n=6)
+    with monkeypatch.context() as m:
+        m.setattr(routes_module, "COMPACT_LAYER_CLASSES", {})
+        zero = greedy(model, ids, mask, n=6)
+    assert torch.equal(compact.sequences, zero.sequences)
+    torch.testing.assert_close(torch.stack(compact.logits), torch.stack(zero.logits), rtol=1e-5, atol=1e-5)
+    routes = compact.past_key_values.__dict__[routes_module.ROUTES_ATTR]
+    kept = {i: int(r.keep.sum()) for i, r in routes.items()}
+    assert any(0 < k < 4 for k in kept.values()), "the test needs a layer with mixed rows"
+    small_cache, full_cache = compact.past_key_values, zero.past_key_values
+    saved = 0
+    for i, (small, full) in enumerate(zip(small_cache.layers, full_cache.layers, strict=True)):
+        assert _rows_held(small) == kept.get(i, 4)
+        assert _rows_held(full) == (4 if kept.get(i, 4) else 0)
+        saved += _bytes_held(full) - _bytes_held(small)
+    assert saved > 0 and kv_cache_bytes(full_cache) - kv_cache_bytes(small_cache) == saved
+
+
+def _bytes_held(layer) -> int:
+    tensors = [t for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def test_static_cache_allocates_no_kv_for_a_layer_the_whole_batch_skips(family):

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+import routertune.routing.routes as routes_module
 from routertune import GRANULARITIES, RouterConfig, attach_routers
 from routertune.kv_cache import kv_cache_bytes, kv_cache_layer_lengths
 from routertune.routing.attach import routed_layers, set_thresholds
 from routertune.routing.layers import ROUTES_ATTR
 
-from helpers import VOCAB, greedy, left_padded_batch, randomize_routers, tiny_model, without_sublayers
+from helpers import (
+    VOCAB,
+    greedy,
+    hand_route,
+    left_padded_batch,
+    randomize_routers,
+    tiny_model,
+    without_sublayers,
+)
 
 
 def fixed_routes(model, skip_layers):
@@ -91,6 +102,53 @@ def test_layer_skipped_by_whole_batch_stores_no_kv(arch):
     lengths = kv_cache_layer_lengths(routed)
     assert lengths[1] == lengths[2] == 0 and lengths[0] > 0 and lengths[3] > 0
     assert kv_cache_bytes(routed) * 2 == kv_cache_bytes(dense)
+
+
+def _mixed_rows_model(arch, granularity, ids, mask, seed=14):
+    """A routed copy whose thresholds split every routed layer's rows (mixed decisions)."""
+    plain = tiny_model(arch)
+    model = copy.deepcopy(plain)
+    attach_routers(model, RouterConfig(granularity=granularity, router_layers=3))
+    randomize_routers(model, seed=seed)
+    hand_route(model, plain, granularity, ids, mask, median=True)
+    return model
+
+
+@pytest.mark.parametrize("granularity", ["attn_sequence", "block_sequence"])
+def test_beam_search_over_compact_layers_equals_the_zero_row_cache(granularity, monkeypatch):
+    """Beam search reorders the cache's rows every step; a compact layer must move its own rows
+    (not the batch's) with them."""
+    ids, mask, _ = left_padded_batch([8, 5, 8], seed=13)
+    model = _mixed_rows_model("llama", granularity, ids, mask, seed=9)
+    kw = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, num_return_sequences=3,
+              do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)  # fmt: skip
+    got = model.generate(ids, **kw)
+    routes = got.past_key_values.__dict__[ROUTES_ATTR]
+    assert any(0 < int(r.keep.sum()) < r.keep.numel() for r in routes.values()), "needs mixed rows"
+    monkeypatch.setattr(routes_module, "COMPACT_LAYER_CLASSES", {})
+    want = model.generate(ids, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(got.sequences_scores, want.sequences_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compact_layer_refuses_a_batch_it_does_not_hold():
+    """Rows removed from the cache's layers behind routertune's back (not through the cache's
+    batch operations, which carry the routes along) are refused by name, not attended wrongly."""
+    from transformers import DynamicCache
+
+    ids, mask, _ = left_padded_batch([9, 6, 9], seed=10)
+    model = _mixed_rows_model("llama", "attn_sequence", ids, mask, seed=9)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        token = model(ids, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    assert any(isinstance(layer, routes_module.CompactRows) for layer in cache.layers)
+    keep = torch.tensor([0, 2])
+    for layer in cache.layers:
+        layer.batch_select_indices(keep)
+    step_mask = torch.cat([mask[keep], torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+    with pytest.raises(RuntimeError, match="compact KV cache holds rows of a batch of 2, the forward has 3"):
+        with torch.no_grad():
+            model(token[keep], attention_mask=step_mask, cache=cache, use_cache=True)
 
 
 def test_routes_are_decided_at_prefill_and_reused():

@@ -18,8 +18,9 @@ Per forward:
   decision is applied through the straight-through estimator, at the end of the branch (after a
   family's post-norm, where the table names one), so routers of skipped units still learn;
 * otherwise only kept units are computed:
-  * ``*_sequence``: the kept rows run on their own (row-sliced arguments; the KV cache sees zero
-    rows for the others); a sub-layer that every row skips is not called. Routes are decided at
+  * ``*_sequence``: the kept rows run on their own (row-sliced arguments; a dynamic cache layer
+    holds the kept rows only, a static one zero rows for the others); a sub-layer that every row
+    skips is not called. Routes are decided at
     prefill and stored on the request's KV cache (:mod:`routertune.routing.routes`), so decode steps
     reuse them and a layer skipped by the whole batch never writes KV.
   * ``*_token``: the MLP runs on the kept tokens only; attention computes keys/values for all
@@ -311,7 +312,7 @@ class RoutedAttention(SubLayerWrapper):
         if route.none_kept:
             return torch.zeros_like(hidden), None  # not called: its cache layer stays empty
         rows, B = route.kept_rows, hidden.shape[0]
-        sub = _rows_of_call(args, kwargs, rows, B)
+        sub = _rows_of_call(args, kwargs, route)
         if sub is None:  # a mask we cannot slice by rows: compute all, zero the skipped rows
             out, *rest = self.base_layer(*args, **kwargs)
             return (out * route.keep.view(-1, 1, 1).to(out.dtype), *rest)
@@ -415,15 +416,17 @@ def _select_rows(value: Any, rows: torch.Tensor, batch_size: int) -> Any:
     return value
 
 
-def _rows_of_call(args: tuple, kwargs: dict, rows: torch.Tensor, batch_size: int):
-    """The attention call's arguments restricted to ``rows``; None if the mask cannot be sliced."""
+def _rows_of_call(args: tuple, kwargs: dict, route: SequenceRoute):
+    """The attention call's arguments restricted to the route's kept rows; None if the mask
+    cannot be sliced."""
     if not _rows_selectable(kwargs.get("attention_mask")):
         return None
+    rows, batch_size = route.kept_rows, route.keep.shape[0]
     sub_args = tuple(_select_rows(a, rows, batch_size) for a in args)
     sub_kwargs = {}
     for k, v in kwargs.items():
         if k in CACHE_KWARGS and v is not None:
-            sub_kwargs[k] = RowsOfCache(v, rows, batch_size)
+            sub_kwargs[k] = RowsOfCache(v, route.keep, rows)
         else:
             sub_kwargs[k] = _select_rows(v, rows, batch_size)
     return sub_args, sub_kwargs

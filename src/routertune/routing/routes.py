@@ -82,21 +82,119 @@ def _mirror_batch_ops(cache: Any, store: RouteStore) -> None:
     wrap("batch_repeat_interleave", lambda keep, repeats, *a, **k: keep.repeat_interleave(repeats, dim=0))
 
 
+class CompactRows:
+    """A dynamic cache layer that holds the keys/values of the KEPT rows of a mixed sequence
+    route only: ``(K, Hkv, S, D)`` for the ``K`` rows of ``row_keep``, in batch order.
+
+    The route is fixed per request, so the layer's rows never change between decode steps: a
+    kept-rows attention reads this layer's whole cache as it is (no per-step gather) and the
+    skipped rows cost no KV memory. The batch-reshaping cache operations generate() calls act on
+    batch rows; these overrides translate them to the layer's compact rows (and carry
+    ``row_keep`` along, as :class:`RouteStore` carries the routes). Mixed into the transformers
+    dynamic layer classes of ``COMPACT_LAYER_CLASSES`` by :func:`compact_layer`.
+    """
+
+    row_keep: torch.Tensor  # (B,) bool: the batch rows this layer holds
+
+    def _select_batch_rows(self, index: torch.Tensor) -> None:
+        """Keeps batch rows ``index`` (long, in their new order) of the batch."""
+        keep = self.row_keep
+        index = index.to(keep.device)
+        if index.dtype == torch.bool:
+            index = index.nonzero().squeeze(1)
+        new_keep = keep.index_select(0, index)
+        if self.is_initialized and self.keys.numel():
+            position = keep.long().cumsum(0) - 1  # each batch row's compact row (where kept)
+            source = position.index_select(0, index)[new_keep].to(self.keys.device)
+            self.keys = self.keys.index_select(0, source)
+            self.values = self.values.index_select(0, source)
+        self.row_keep = new_keep
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_batch_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        # each kept row's copies stay together, in batch order, as the kept rows of the new batch
+        self.row_keep = self.row_keep.repeat_interleave(repeats, dim=0)
+        if self.is_initialized and self.keys.numel():
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+
+
+def _compact_classes() -> dict[type, type]:
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    class CompactDynamicLayer(CompactRows, DynamicLayer):
+        pass
+
+    class CompactSlidingWindowLayer(CompactRows, DynamicSlidingWindowLayer):
+        pass
+
+    return {DynamicLayer: CompactDynamicLayer, DynamicSlidingWindowLayer: CompactSlidingWindowLayer}
+
+
+# transformers layer class -> its compact form. Only these exact classes (plain concatenating
+# dynamic layers) are compacted; any other layer (static, quantized, offloaded subclasses, a
+# user's own) keeps a batch-wide buffer with zero rows for the skipped rows. A benchmark empties
+# this table to measure the zero-row design.
+COMPACT_LAYER_CLASSES: dict[type, type] = _compact_classes()
+
+
+def compact_layer(cache: Any, layer_idx: int, keep: torch.Tensor) -> CompactRows | None:
+    """The compact layer ``layer_idx`` of ``cache`` for the route ``keep``: made from the
+    layer while it holds nothing yet, else the one made at prefill; None when the layer is
+    not of a compactable class (the caller then writes zero rows)."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list):
+        return None
+    replicate = getattr(cache, "layer_class_to_replicate", None)
+    if replicate is not None and len(layers) <= layer_idx:  # what Cache.update would append
+        while len(layers) <= layer_idx:
+            layers.append(replicate())
+    if layer_idx >= len(layers):
+        return None
+    layer = layers[layer_idx]
+    if isinstance(layer, CompactRows):
+        if layer.row_keep.shape != keep.shape:
+            raise RuntimeError(
+                f"layer {layer_idx}: its compact KV cache holds rows of a batch of {layer.row_keep.shape[0]}, "
+                f"the forward has {keep.shape[0]} (a cache batch operation that routertune does not mirror?)"
+            )
+        return layer
+    compact = COMPACT_LAYER_CLASSES.get(type(layer))
+    if compact is None or layer.is_initialized:
+        return None
+    # the same layer's state (sliding window, device, ...) in the compact class; nothing else
+    # holds the empty layer, the cache's list is its owner
+    layers[layer_idx] = replacement = compact.__new__(compact)
+    replacement.__dict__.update(vars(layer))
+    replacement.row_keep = keep
+    return replacement
+
+
 class RowsOfCache:
     """Presents rows ``rows`` of a batch-wide KV cache to an attention run on those rows only.
 
-    The kept rows' keys/values are written into a zero-filled batch-wide tensor so that every
-    row of the cache keeps the same length (one causal mask per forward is sized from it); the
-    skipped rows' entries are never read because their route is reused at every decode step.
+    Where the cache layer is a plain dynamic one, it becomes a :class:`CompactRows` layer that
+    holds the kept rows alone, so updates pass straight through. Otherwise (a static cache,
+    whose buffers are batch-wide) the kept rows' keys/values are written into a zero-filled
+    batch-wide tensor so that every row keeps the same length (one causal mask per forward is
+    sized from it), and the kept rows are gathered back; the skipped rows' entries are never
+    read because their route is reused at every decode step. docs/design.md has the numbers.
     """
 
-    def __init__(self, cache: Any, rows: torch.Tensor, batch_size: int) -> None:
+    def __init__(self, cache: Any, keep: torch.Tensor, rows: torch.Tensor) -> None:
         self._cache = cache
+        self._keep = keep
         self._rows = rows
-        self._batch_size = batch_size
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        full_shape = (self._batch_size, *key_states.shape[1:])
+        if compact_layer(self._cache, layer_idx, self._keep) is not None:
+            return self._cache.update(key_states, value_states, layer_idx, *args, **kwargs)
+        full_shape = (self._keep.shape[0], *key_states.shape[1:])
         keys = key_states.new_zeros(full_shape).index_copy_(0, self._rows, key_states)
         values = value_states.new_zeros(full_shape).index_copy_(0, self._rows, value_states)
         keys, values = self._cache.update(keys, values, layer_idx, *args, **kwargs)
