@@ -12,6 +12,9 @@ the static drop of the same compute.
     OMP_NUM_THREADS=2 python benchmarks/granularity_table.py speed --threads 2
     # 4. results/granularity_table.{json,md}
     python benchmarks/granularity_table.py report
+    # another training seed of a row: name it <granularity>-seed<N> in train / eval / speed;
+    # the report adds a row for every such run whose routers are recorded
+    OMP_NUM_THREADS=2 python benchmarks/granularity_table.py train --granularities attn_token-seed7
 
 Every step skips what is already recorded, so the table fills in as cells are run; the report
 says "not run" for the rest.
@@ -86,12 +89,32 @@ PAPER = {
 }
 
 
+def _split(name: str) -> tuple[str, int | None]:
+    """A run's granularity and seed: ``attn_token`` is the recipe's seed (42),
+    ``attn_token-seed7`` the same recipe with ``--seed 7``."""
+    granularity, _, seed = name.partition("-seed")
+    return granularity, (int(seed) if seed.isdigit() else None)
+
+
 def _granularities(text: str) -> list[str]:
+    """Run names: a granularity, optionally with ``-seed<N>`` (another training seed)."""
     names = [g.strip() for g in text.split(",") if g.strip()]
-    unknown = [g for g in names if g not in GRANULARITIES]
+    known = [_split(g) for g in names]
+    unknown = [g for g, (granularity, seed) in zip(names, known, strict=True)
+               if granularity not in GRANULARITIES or (g != granularity and seed is None)]  # fmt: skip
     if unknown or not names:
-        raise SystemExit(f"unknown granularities {unknown or text!r}: {', '.join(GRANULARITIES)}")
+        raise SystemExit(
+            f"unknown granularities {unknown or text!r}: {', '.join(GRANULARITIES)}, each optionally with -seed<N>"
+        )
     return names
+
+
+def _seed_runs(args: argparse.Namespace, granularity: str) -> list[str]:
+    """The other-seed runs of ``granularity`` whose routers are recorded."""
+    pattern = _routers(args, f"{granularity}-seed*")
+    found = [path.name[len(pattern.name) - 1 :] for path in pattern.parent.glob(pattern.name)]
+    seeds = sorted(int(tail) for tail in found if tail.isdigit())
+    return [f"{granularity}-seed{seed}" for seed in seeds]
 
 
 def _routers(args: argparse.Namespace, granularity: str) -> Path:
@@ -159,7 +182,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         if (folder / "routers.safetensors").exists():
             print(f"{g}: {folder} exists, skipped")
             continue
-        flags = [*TRAIN_FLAGS, "--max_train_samples", str(args.max_train_samples), "--granularity", g]
+        granularity, seed = _split(g)
+        flags = [*TRAIN_FLAGS, "--max_train_samples", str(args.max_train_samples)]
+        flags += ["--granularity", granularity]
+        flags += ["--seed", str(seed)] if seed is not None else []
         train_into(args.model, flags, Path(args.run_dir) / g, folder, g)
 
 
@@ -292,8 +318,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     if dense is None:
         raise SystemExit("no dense point yet: run `eval` first")
     rows = []
-    for g in GRANULARITIES:
-        row: dict[str, Any] = {"granularity": g, "paper": PAPER["rows"][g]}
+    runs = [name for granularity in GRANULARITIES for name in (granularity, *_seed_runs(args, granularity))]
+    for g in runs:
+        row: dict[str, Any] = {"granularity": g, "paper": PAPER["rows"][_split(g)[0]]}
         routers = _routers(args, g)
         if (routers / "train_results.json").exists():
             trained = json.loads((routers / "train_results.json").read_text())

@@ -422,6 +422,8 @@ def test_granularity_table_script_on_a_tiny_model(tmp_path):
     attach_routers(model, RouterConfig(granularity="mlp_sequence"))
     randomize_routers(model, seed=1)
     save_routers(model, tmp_path / "routers-mlp_sequence")
+    randomize_routers(model, seed=3)  # a second seed's run of the same row
+    save_routers(model, tmp_path / "routers-mlp_sequence-seed3")
 
     table = _script("granularity_table")
     common = ["--model", str(folder), "--routers", str(tmp_path / "routers-{granularity}"),
@@ -429,8 +431,8 @@ def test_granularity_table_script_on_a_tiny_model(tmp_path):
     table.main([*common, "train", "--granularities", "attn_token", "--run_dir", str(tmp_path / "runs"),
                 "--max_train_samples", "8"])  # fmt: skip
     assert (tmp_path / "routers-attn_token" / "train_results.json").exists()
-    table.main([*common, "eval", "--granularities", "attn_token,mlp_sequence", "--tasks", "arc_easy,rte",
-                "--limit", "6", "--mmlu_limit", "1"])  # fmt: skip
+    table.main([*common, "eval", "--granularities", "attn_token,mlp_sequence,mlp_sequence-seed3",
+                "--tasks", "arc_easy,rte", "--limit", "6", "--mmlu_limit", "1"])  # fmt: skip
     table.main([*common, "speed", "--granularities", "attn_token,mlp_sequence", "--contexts", "16",
                 "--new_tokens", "2", "--repeats", "1", "--threads", "1"])  # fmt: skip
     out = tmp_path / "table"
@@ -454,6 +456,13 @@ def test_granularity_table_script_on_a_tiny_model(tmp_path):
     assert cells[5] == f"{100 * mlp['drop']['average']:.2f}"
     assert cells[7] == f"{mlp['speed']['16']['prefill']['measured']:.3f}x ({mlp['speed']['16']['prefill']['ideal']:.3f}x)"
     assert "not run" in lines["block_token"] and "about 61.0 | 1.25x" in lines["block_token"]
+    seed3 = rows["mlp_sequence-seed3"]  # right after its granularity's row, with its own drop
+    assert list(rows).index("mlp_sequence-seed3") == list(rows).index("mlp_sequence") + 1
+    assert seed3["paper"] == mlp["paper"] and seed3["routed"]["point"] == "routed-mlp_sequence-seed3:native"
+    assert seed3["drop"]["point"].startswith("drop-mlp:") and "average" in seed3["drop"]
+    assert lines["mlp_sequence-seed3"].split(" | ")[2] == f"{100 * seed3['routed']['average']:.2f}"
+    with pytest.raises(SystemExit, match="seedx"):
+        table.main([*common, "eval", "--granularities", "mlp_sequence-seedx"])
 
 
 def test_lora_table_script_on_a_tiny_model(tmp_path):
