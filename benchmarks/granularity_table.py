@@ -28,10 +28,12 @@ Method.
   per-document scores, routed on the request context (``--route_on prompt``), through
   ``capacity_curve.evaluate_point``; points already in results/capacity_curve_400/ (dense,
   the attn_sequence routers, attention drops) are the same evaluation and are reused.
-* Same compute: a routed model that keeps a share C of its 16 routed units is set against the
-  drop of ``round((1 - C) x 16)`` units of the same kind (attention, MLP or block; the least
-  important ones by ``1 - cos`` on 64 calibration examples, routertune.baselines); for a
-  ``*_token`` model C is the share of token-units kept. Differences are paired over the same
+* Same compute: a ``*_sequence`` model that keeps a share C of its 16 routed units is set
+  against the drop of ``round((1 - C) x 16)`` units of the same kind (attention, MLP or block;
+  the least important ones by ``1 - cos`` on 64 calibration examples, routertune.baselines); a
+  ``*_token`` model against the drop whose FLOP ideal (prefill, 512 tokens) is nearest its own
+  (a token that skips attention still computes its keys/values, so its share of token-units
+  kept overstates the compute it saves). Differences are paired over the same
   documents, +- one standard error.
 * Speed: ``run_benchmark`` at batch 1, 32 decode steps, dense and routed interleaved, medians
   of repeats. ``*_sequence``: the deepest ``round((1 - C) x 16)`` routed units skip on every input
@@ -149,11 +151,39 @@ def _capacity(record: dict[str, Any]) -> float:
     return cap["overall"] if cap else 1.0
 
 
-def _n_drop(record: dict[str, Any]) -> int:
-    """Units a drop removes for the compute of this routed point."""
+def _n_drop(record: dict[str, Any], config: Any = None) -> int:
+    """Units a drop removes for the compute of this routed point.
+
+    ``*_sequence``: ``round((1 - C) x units)``, every unit costing the same. ``*_token``: the
+    drop whose FLOP ideal (prefill, 512 tokens) is nearest the routed point's, from the model's
+    ``config``: a token that skips attention still computes its keys/values, so a share of
+    token-units skipped saves less than the same share of whole attentions."""
     from routertune.baselines import n_drop_for_capacity
 
-    return n_drop_for_capacity(_capacity(record), len(record["eval"]["capacity"]["per_layer"]))
+    per_layer = record["eval"]["capacity"]["per_layer"]
+    granularity = (record.get("setup") or {}).get("granularity", "")
+    if not granularity.endswith("_token"):
+        return n_drop_for_capacity(_capacity(record), len(per_layer))
+    if config is None:
+        raise SystemExit(
+            f"{record['point']}: the drop of a token point is matched by FLOPs: needs the config"
+        )
+    unit, target = granularity.split("_")[0], record["ideal_speedup_512"]["prefill"]
+    layers = sorted(per_layer, key=int)
+
+    def drop_ideal(n: int) -> float:
+        caps = {layer: (0.0 if k < n else 1.0) for k, layer in enumerate(layers)}  # any n units cost the same
+        return curve._ideal(config, caps, 512, f"{unit}_sequence")["prefill"]
+
+    return min(range(len(layers) + 1), key=lambda n: abs(drop_ideal(n) - target))
+
+
+def _model_config(args: argparse.Namespace) -> Any:
+    from transformers import AutoConfig
+
+    from routertune.loading.resolve import resolve_model
+
+    return AutoConfig.from_pretrained(resolve_model(args.model, progress=False))
 
 
 def train_into(model: str, flags: list[str], run: Path, folder: Path, label: str) -> None:
@@ -224,7 +254,8 @@ class PointEvaluator:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    ensure = PointEvaluator(args).ensure
+    evaluator = PointEvaluator(args)
+    ensure = evaluator.ensure
     ensure("dense", "dense", Path())
     for g in _granularities(args.granularities):
         folder = _routers(args, g)
@@ -232,7 +263,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             print(f"{g}: no routers in {folder} (run `train` first), skipped")
             continue
         routed = ensure(_routed_label(g), "routed:native", folder)
-        n_drop = _n_drop(routed)
+        n_drop = _n_drop(routed, evaluator.model.config)
         if n_drop == 0:
             print(
                 f"{g}: capacity {_capacity(routed):.3f} rounds to no dropped unit: its drop is the dense model"
@@ -251,7 +282,7 @@ def speed_record(model, routers: Path, routed: dict[str, Any], args: argparse.Na
     load_routers(model, routers)
     granularity = get_router_config(model).granularity
     n_units = len(routed["eval"]["capacity"]["per_layer"])
-    n_drop = _n_drop(routed)
+    n_drop = _n_drop(routed, model.config)
     skip_ratio = n_drop / n_units if granularity.endswith("sequence") else None
     settings = BenchSettings(
         contexts=tuple(int(c) for c in args.contexts.split(",")), batches=(1,), new_tokens=args.new_tokens,
@@ -317,6 +348,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     dense = _find(args, "dense")
     if dense is None:
         raise SystemExit("no dense point yet: run `eval` first")
+    config = _model_config(args)
     rows = []
     runs = [name for granularity in GRANULARITIES for name in (granularity, *_seed_runs(args, granularity))]
     for g in runs:
@@ -334,7 +366,7 @@ def cmd_report(args: argparse.Namespace) -> None:
             }
         routed = _find(args, _routed_label(g))
         if routed is not None:
-            n_drop = _n_drop(routed)
+            n_drop = _n_drop(routed, config)
             per_layer = routed["eval"]["capacity"]["per_layer"]
             row["routed"] = {
                 "point": routed["point"],
