@@ -411,6 +411,34 @@ def test_headroom_script_on_a_tiny_model(tmp_path):
     assert "| 0.75 | 1 | oracle |" in out.with_suffix(".md").read_text()
 
 
+def test_granularity_table_matches_a_token_row_with_the_drop_of_its_flops():
+    """A token that skips attention still computes its keys/values: half the token-attentions
+    kept saves less than dropping half the attentions, so the drop set against an attn_token
+    point is the one of the nearest FLOP ideal, fewer units than its share says; a sequence point
+    keeps the share rule."""
+    from transformers import LlamaConfig
+
+    table = _script("granularity_table")
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=16, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=1000)  # fmt: skip
+    per_layer = {str(i): 0.5 for i in range(8, 16)}
+    ideal = table.curve._ideal(config, {int(k): v for k, v in per_layer.items()}, 512, "attn_token")
+    token = {"point": "routed-attn_token:native", "setup": {"granularity": "attn_token"},
+             "eval": {"capacity": {"overall": 0.5, "per_layer": per_layer}}, "ideal_speedup_512": ideal}  # fmt: skip
+    n = table._n_drop(token, config)
+
+    def drop_ideal(k):
+        caps = {int(layer): (0.0 if j < k else 1.0) for j, layer in enumerate(per_layer)}
+        return table.curve._ideal(config, caps, 512, "attn_sequence")["prefill"]
+
+    assert 0 < n < 4  # the share rule would drop 4 of the 8 routed attentions
+    assert all(abs(drop_ideal(n) - ideal["prefill"]) <= abs(drop_ideal(k) - ideal["prefill"]) for k in range(9))
+    sequence = {**token, "setup": {"granularity": "attn_sequence"}}
+    assert table._n_drop(sequence, config) == 4
+    with pytest.raises(SystemExit, match="needs the config"):
+        table._n_drop(token)
+
+
 def test_granularity_table_script_on_a_tiny_model(tmp_path):
     """benchmarks/granularity_table.py end to end on a tiny model: train (one step), evaluate
     routed points and the drop of the same unit and compute, time them, report; every number of
