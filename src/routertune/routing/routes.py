@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 # Attribute under which a KV cache object carries the per-layer sequence routes of its request.
 ROUTES_ATTR = "_routertune_routes"
@@ -124,23 +125,22 @@ class CompactRows:
             self.values = self.values.repeat_interleave(repeats, dim=0)
 
 
-def _compact_classes() -> dict[type, type]:
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+class CompactDynamicLayer(CompactRows, DynamicLayer):
+    """A ``DynamicLayer`` holding the kept rows of a mixed route."""
 
-    class CompactDynamicLayer(CompactRows, DynamicLayer):
-        pass
 
-    class CompactSlidingWindowLayer(CompactRows, DynamicSlidingWindowLayer):
-        pass
-
-    return {DynamicLayer: CompactDynamicLayer, DynamicSlidingWindowLayer: CompactSlidingWindowLayer}
+class CompactSlidingWindowLayer(CompactRows, DynamicSlidingWindowLayer):
+    """A ``DynamicSlidingWindowLayer`` holding the kept rows of a mixed route."""
 
 
 # transformers layer class -> its compact form. Only these exact classes (plain concatenating
 # dynamic layers) are compacted; any other layer (static, quantized, offloaded subclasses, a
 # user's own) keeps a batch-wide buffer with zero rows for the skipped rows. A benchmark empties
 # this table to measure the zero-row design.
-COMPACT_LAYER_CLASSES: dict[type, type] = _compact_classes()
+COMPACT_LAYER_CLASSES: dict[type, type] = {
+    DynamicLayer: CompactDynamicLayer,
+    DynamicSlidingWindowLayer: CompactSlidingWindowLayer,
+}
 
 
 def compact_layer(cache: Any, layer_idx: int, keep: torch.Tensor) -> CompactRows | None:
