@@ -158,7 +158,10 @@ def test_engines_train_the_same_routers_as_one_process(engine, workload, single_
 @pytest.mark.distributed
 def test_lora_and_routers_under_zero3_match_one_process(workload, tmp_path):
     """LoRA + routers on ZeRO-3-sharded weights: both gathered and saved once, equal to one
-    process (dropout 0: its masks are drawn per process) to 1e-6 (measured 5e-7, AdamW)."""
+    process (dropout 0: its masks are drawn per process) to 1e-5. Measured 5e-7 on an AMD EPYC,
+    1.9e-6 on an Intel Xeon: AdamW's normalised step turns the rounding of the sharded gradient
+    reduction into weight differences; a missed shard or gather would be off by about the
+    learning rate (1e-2) times the steps."""
     lora = ("--use_lora", "True", "--lora_dropout", "0")
     _train("single", workload, tmp_path / "single", *lora)
     _train("zero3", workload, tmp_path / "zero3", *lora)
@@ -166,7 +169,7 @@ def test_lora_and_routers_under_zero3_match_one_process(workload, tmp_path):
         want, got = load_file(str(tmp_path / "single" / name)), load_file(str(tmp_path / "zero3" / name))
         assert sorted(got) == sorted(want) and len(got) >= 3
         for key in want:
-            torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5)
 
 
 @pytest.mark.distributed
