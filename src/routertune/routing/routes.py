@@ -91,8 +91,8 @@ class CompactRows:
     kept-rows attention reads this layer's whole cache as it is (no per-step gather) and the
     skipped rows cost no KV memory. The batch-reshaping cache operations generate() calls act on
     batch rows; these overrides translate them to the layer's compact rows (and carry
-    ``row_keep`` along, as :class:`RouteStore` carries the routes). Mixed into the transformers
-    dynamic layer classes of ``COMPACT_LAYER_CLASSES`` by :func:`compact_layer`.
+    ``row_keep`` along, as :class:`RouteStore` carries the routes). :func:`compact_layer` puts the
+    compact form of a layer's class (``COMPACT_LAYER_CLASSES``) in its place.
     """
 
     row_keep: torch.Tensor  # (B,) bool: the batch rows this layer holds
