@@ -212,7 +212,7 @@ def router_weights(model) -> dict[int, tuple[torch.Tensor, float]]:
 
 def hand_route(model, plain, granularity, ids, mask=None, median=False):
     """The oracle's logits and decisions for ``model``'s routers; with ``median`` the thresholds
-    are first set to each layer's median hand-computed score (mixed decisions)."""
+    are first set near each layer's median hand-computed score (mixed decisions)."""
     weights = {i: (w, None if median else t) for i, (w, t) in router_weights(model).items()}
     from oracle import hand_routed_logits
 
@@ -220,6 +220,19 @@ def hand_route(model, plain, granularity, ids, mask=None, median=False):
     if median:
         set_thresholds(model, thresholds)
     return logits, decisions
+
+
+def mixed_rows_model(family, granularity, ids, mask, seed=14, router_layers=3):
+    """A routed copy of a tiny ``family`` model whose thresholds split every routed layer's
+    units on ``ids`` (mixed decisions)."""
+    from routertune import RouterConfig, attach_routers
+
+    plain = tiny_model(family)
+    model = copy.deepcopy(plain)
+    attach_routers(model, RouterConfig(granularity=granularity, router_layers=router_layers))
+    randomize_routers(model, seed=seed)
+    hand_route(model, plain, granularity, ids, mask, median=True)
+    return model
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ import torch
 
 import routertune.routing.routes as routes_module
 from routertune import GRANULARITIES, RouterConfig, attach_routers, load_routers, save_routers
-from routertune.kv_cache import kv_cache_bytes, kv_cache_layer_lengths
+from routertune.kv_cache import kv_cache_bytes, kv_cache_layer_lengths, kv_layer_bytes
 from routertune.routing.attach import routed_layers, router_parameters, set_thresholds
 from routertune.routing.observe import router_probabilities, track_capacity
 
@@ -23,6 +23,7 @@ from helpers import (
     greedy,
     hand_route,
     left_padded_batch,
+    mixed_rows_model,
     randomize_routers,
     tiny_model,
     without_sublayers,
@@ -196,11 +197,7 @@ def test_mixed_layer_caches_only_its_kept_rows(family, monkeypatch):
     zero rows, no per-step gather); generation equals the zero-row design's, which keeps every
     row in the layer's buffer (a static cache's way)."""
     ids, mask, _ = left_padded_batch([9, 6, 9, 4], seed=15)
-    plain = tiny_model(family)
-    model = copy.deepcopy(plain)
-    attach_routers(model, RouterConfig(granularity="attn_sequence", router_layers=3))
-    randomize_routers(model, seed=14)
-    hand_route(model, plain, "attn_sequence", ids, mask, median=True)  # rows split in every routed layer
+    model = mixed_rows_model(family, "attn_sequence", ids, mask)  # rows split in every routed layer
     compact = greedy(model, ids, mask, n=6)
     with monkeypatch.context() as m:
         m.setattr(routes_module, "COMPACT_LAYER_CLASSES", {})
@@ -211,17 +208,12 @@ def test_mixed_layer_caches_only_its_kept_rows(family, monkeypatch):
     kept = {i: int(r.keep.sum()) for i, r in routes.items()}
     assert any(0 < k < 4 for k in kept.values()), "the test needs a layer with mixed rows"
     small_cache, full_cache = compact.past_key_values, zero.past_key_values
-    saved = 0
     for i, (small, full) in enumerate(zip(small_cache.layers, full_cache.layers, strict=True)):
-        assert _rows_held(small) == kept.get(i, 4)
-        assert _rows_held(full) == (4 if kept.get(i, 4) else 0)
-        saved += _bytes_held(full) - _bytes_held(small)
-    assert saved > 0 and kv_cache_bytes(full_cache) - kv_cache_bytes(small_cache) == saved
-
-
-def _bytes_held(layer) -> int:
-    tensors = [t for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+        k = kept.get(i, 4)
+        assert _rows_held(small) == k
+        assert _rows_held(full) == (4 if k else 0)
+        assert kv_layer_bytes(small) * 4 == kv_layer_bytes(full) * k  # the kept rows' bytes, no more
+    assert kv_cache_bytes(small_cache) < kv_cache_bytes(full_cache)
 
 
 def test_static_cache_allocates_no_kv_for_a_layer_the_whole_batch_skips(family):

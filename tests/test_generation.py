@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -16,8 +14,8 @@ from routertune.routing.layers import ROUTES_ATTR
 from helpers import (
     VOCAB,
     greedy,
-    hand_route,
     left_padded_batch,
+    mixed_rows_model,
     randomize_routers,
     tiny_model,
     without_sublayers,
@@ -104,22 +102,12 @@ def test_layer_skipped_by_whole_batch_stores_no_kv(arch):
     assert kv_cache_bytes(routed) * 2 == kv_cache_bytes(dense)
 
 
-def _mixed_rows_model(arch, granularity, ids, mask, seed=14):
-    """A routed copy whose thresholds split every routed layer's rows (mixed decisions)."""
-    plain = tiny_model(arch)
-    model = copy.deepcopy(plain)
-    attach_routers(model, RouterConfig(granularity=granularity, router_layers=3))
-    randomize_routers(model, seed=seed)
-    hand_route(model, plain, granularity, ids, mask, median=True)
-    return model
-
-
 @pytest.mark.parametrize("granularity", ["attn_sequence", "block_sequence"])
 def test_beam_search_over_compact_layers_equals_the_zero_row_cache(granularity, monkeypatch):
     """Beam search reorders the cache's rows every step; a compact layer must move its own rows
     (not the batch's) with them."""
     ids, mask, _ = left_padded_batch([8, 5, 8], seed=13)
-    model = _mixed_rows_model("llama", granularity, ids, mask, seed=9)
+    model = mixed_rows_model("llama", granularity, ids, mask, seed=9)
     kw = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, num_return_sequences=3,
               do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)  # fmt: skip
     got = model.generate(ids, **kw)
@@ -137,7 +125,7 @@ def test_a_compact_layer_refuses_a_batch_it_does_not_hold():
     from transformers import DynamicCache
 
     ids, mask, _ = left_padded_batch([9, 6, 9], seed=10)
-    model = _mixed_rows_model("llama", "attn_sequence", ids, mask, seed=9)
+    model = mixed_rows_model("llama", "attn_sequence", ids, mask, seed=9)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         token = model(ids, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)

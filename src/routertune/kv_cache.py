@@ -21,13 +21,13 @@ def kv_cache_bytes(cache: Any) -> int:
     """
     if cache is None:
         return 0
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    return sum(kv_layer_bytes(layer) for layer in getattr(cache, "layers", []))
+
+
+def kv_layer_bytes(layer: Any) -> int:
+    """Bytes held by one cache layer's key/value tensors (0 where it stored nothing)."""
+    tensors = (getattr(layer, name, None) for name in ("keys", "values"))
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def kv_cache_layer_lengths(cache: Any) -> list[int]:
