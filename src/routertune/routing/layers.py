@@ -426,7 +426,7 @@ def _rows_of_call(args: tuple, kwargs: dict, route: SequenceRoute):
     sub_kwargs = {}
     for k, v in kwargs.items():
         if k in CACHE_KWARGS and v is not None:
-            sub_kwargs[k] = RowsOfCache(v, route.keep, rows)
+            sub_kwargs[k] = RowsOfCache(v, route)
         else:
             sub_kwargs[k] = _select_rows(v, rows, batch_size)
     return sub_args, sub_kwargs

@@ -151,9 +151,8 @@ def compact_layer(cache: Any, layer_idx: int, keep: torch.Tensor) -> CompactRows
     if not isinstance(layers, list):
         return None
     replicate = getattr(cache, "layer_class_to_replicate", None)
-    if replicate is not None and len(layers) <= layer_idx:  # what Cache.update would append
-        while len(layers) <= layer_idx:
-            layers.append(replicate())
+    while replicate is not None and len(layers) <= layer_idx:  # what Cache.update would append
+        layers.append(replicate())
     if layer_idx >= len(layers):
         return None
     layer = layers[layer_idx]
@@ -176,7 +175,7 @@ def compact_layer(cache: Any, layer_idx: int, keep: torch.Tensor) -> CompactRows
 
 
 class RowsOfCache:
-    """Presents rows ``rows`` of a batch-wide KV cache to an attention run on those rows only.
+    """Presents a batch-wide KV cache to an attention run on the kept rows of a mixed route.
 
     Where the cache layer is a plain dynamic one, it becomes a :class:`CompactRows` layer that
     holds the kept rows alone, so updates pass straight through. Otherwise (a static cache,
@@ -186,19 +185,19 @@ class RowsOfCache:
     read because their route is reused at every decode step. docs/design.md has the numbers.
     """
 
-    def __init__(self, cache: Any, keep: torch.Tensor, rows: torch.Tensor) -> None:
+    def __init__(self, cache: Any, route: SequenceRoute) -> None:
         self._cache = cache
-        self._keep = keep
-        self._rows = rows
+        self._route = route  # a mixed route: kept_rows is set
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if compact_layer(self._cache, layer_idx, self._keep) is not None:
+        keep, rows = self._route.keep, self._route.kept_rows
+        if compact_layer(self._cache, layer_idx, keep) is not None:
             return self._cache.update(key_states, value_states, layer_idx, *args, **kwargs)
-        full_shape = (self._keep.shape[0], *key_states.shape[1:])
-        keys = key_states.new_zeros(full_shape).index_copy_(0, self._rows, key_states)
-        values = value_states.new_zeros(full_shape).index_copy_(0, self._rows, value_states)
+        full_shape = (keep.shape[0], *key_states.shape[1:])
+        keys = key_states.new_zeros(full_shape).index_copy_(0, rows, key_states)
+        values = value_states.new_zeros(full_shape).index_copy_(0, rows, value_states)
         keys, values = self._cache.update(keys, values, layer_idx, *args, **kwargs)
-        return keys.index_select(0, self._rows), values.index_select(0, self._rows)
+        return keys.index_select(0, rows), values.index_select(0, rows)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._cache, name)
