@@ -49,12 +49,14 @@ Method.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +100,15 @@ def _split(name: str) -> tuple[str, int | None]:
     return granularity, (int(seed) if seed.isdigit() else None)
 
 
+def _is_run_name(name: str) -> bool:
+    granularity, seed = _split(name)
+    return granularity in GRANULARITIES and (name == granularity or seed is not None)
+
+
 def _granularities(text: str) -> list[str]:
     """Run names: a granularity, optionally with ``-seed<N>`` (another training seed)."""
     names = [g.strip() for g in text.split(",") if g.strip()]
-    known = [_split(g) for g in names]
-    unknown = [g for g, (granularity, seed) in zip(names, known, strict=True)
-               if granularity not in GRANULARITIES or (g != granularity and seed is None)]  # fmt: skip
+    unknown = [g for g in names if not _is_run_name(g)]
     if unknown or not names:
         raise SystemExit(
             f"unknown granularities {unknown or text!r}: {', '.join(GRANULARITIES)}, each optionally with -seed<N>"
@@ -114,9 +119,9 @@ def _granularities(text: str) -> list[str]:
 def _seed_runs(args: argparse.Namespace, granularity: str) -> list[str]:
     """The other-seed runs of ``granularity`` whose routers are recorded."""
     pattern = _routers(args, f"{granularity}-seed*")
-    found = [path.name[len(pattern.name) - 1 :] for path in pattern.parent.glob(pattern.name)]
-    seeds = sorted(int(tail) for tail in found if tail.isdigit())
-    return [f"{granularity}-seed{seed}" for seed in seeds]
+    prefix = pattern.name[: -len("*")]
+    tails = [path.name[len(prefix) :] for path in pattern.parent.glob(pattern.name)]
+    return [f"{granularity}-seed{seed}" for seed in sorted(int(t) for t in tails if t.isdigit())]
 
 
 def _routers(args: argparse.Namespace, granularity: str) -> Path:
@@ -151,24 +156,26 @@ def _capacity(record: dict[str, Any]) -> float:
     return cap["overall"] if cap else 1.0
 
 
-def _n_drop(record: dict[str, Any], config: Any = None) -> int:
+def _n_drop(record: dict[str, Any], config_of: Callable[[], Any] | None = None) -> int:
     """Units a drop removes for the compute of this routed point.
 
     ``*_sequence``: ``round((1 - C) x units)``, every unit costing the same. ``*_token``: the
-    drop whose FLOP ideal (prefill, 512 tokens) is nearest the routed point's, from the model's
-    ``config``: a token that skips attention still computes its keys/values, so a share of
-    token-units skipped saves less than the same share of whole attentions."""
+    drop whose FLOP ideal (prefill, 512 tokens) is nearest the routed point's, from the model
+    config ``config_of()`` returns (called for token points only): a token that skips attention
+    still computes its keys/values, so a share of token-units skipped saves less than the same
+    share of whole attentions."""
     from routertune.baselines import n_drop_for_capacity
 
     per_layer = record["eval"]["capacity"]["per_layer"]
     granularity = (record.get("setup") or {}).get("granularity", "")
     if not granularity.endswith("_token"):
         return n_drop_for_capacity(_capacity(record), len(per_layer))
-    if config is None:
+    if config_of is None:
         raise SystemExit(
             f"{record['point']}: the drop of a token point is matched by FLOPs: needs the config"
         )
-    unit, target = granularity.split("_")[0], record["ideal_speedup_512"]["prefill"]
+    config, unit = config_of(), granularity.split("_")[0]
+    target = record["ideal_speedup_512"]["prefill"]
     layers = sorted(per_layer, key=int)
 
     def drop_ideal(n: int) -> float:
@@ -263,7 +270,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             print(f"{g}: no routers in {folder} (run `train` first), skipped")
             continue
         routed = ensure(_routed_label(g), "routed:native", folder)
-        n_drop = _n_drop(routed, evaluator.model.config)
+        n_drop = _n_drop(routed, lambda: evaluator.model.config)
         if n_drop == 0:
             print(
                 f"{g}: capacity {_capacity(routed):.3f} rounds to no dropped unit: its drop is the dense model"
@@ -282,7 +289,7 @@ def speed_record(model, routers: Path, routed: dict[str, Any], args: argparse.Na
     load_routers(model, routers)
     granularity = get_router_config(model).granularity
     n_units = len(routed["eval"]["capacity"]["per_layer"])
-    n_drop = _n_drop(routed, model.config)
+    n_drop = _n_drop(routed, lambda: model.config)
     skip_ratio = n_drop / n_units if granularity.endswith("sequence") else None
     settings = BenchSettings(
         contexts=tuple(int(c) for c in args.contexts.split(",")), batches=(1,), new_tokens=args.new_tokens,
@@ -348,7 +355,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     dense = _find(args, "dense")
     if dense is None:
         raise SystemExit("no dense point yet: run `eval` first")
-    config = _model_config(args)
+    config_of = functools.cache(lambda: _model_config(args))  # read only if a token row needs it
     rows = []
     runs = [name for granularity in GRANULARITIES for name in (granularity, *_seed_runs(args, granularity))]
     for g in runs:
@@ -366,7 +373,7 @@ def cmd_report(args: argparse.Namespace) -> None:
             }
         routed = _find(args, _routed_label(g))
         if routed is not None:
-            n_drop = _n_drop(routed, config)
+            n_drop = _n_drop(routed, config_of)
             per_layer = routed["eval"]["capacity"]["per_layer"]
             row["routed"] = {
                 "point": routed["point"],

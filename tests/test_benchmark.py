@@ -425,7 +425,7 @@ def test_granularity_table_matches_a_token_row_with_the_drop_of_its_flops():
     ideal = table.curve._ideal(config, {int(k): v for k, v in per_layer.items()}, 512, "attn_token")
     token = {"point": "routed-attn_token:native", "setup": {"granularity": "attn_token"},
              "eval": {"capacity": {"overall": 0.5, "per_layer": per_layer}}, "ideal_speedup_512": ideal}  # fmt: skip
-    n = table._n_drop(token, config)
+    n = table._n_drop(token, lambda: config)
 
     def drop_ideal(k):
         caps = {int(layer): (0.0 if j < k else 1.0) for j, layer in enumerate(per_layer)}
@@ -434,7 +434,7 @@ def test_granularity_table_matches_a_token_row_with_the_drop_of_its_flops():
     assert 0 < n < 4  # the share rule would drop 4 of the 8 routed attentions
     assert all(abs(drop_ideal(n) - ideal["prefill"]) <= abs(drop_ideal(k) - ideal["prefill"]) for k in range(9))
     sequence = {**token, "setup": {"granularity": "attn_sequence"}}
-    assert table._n_drop(sequence, config) == 4
+    assert table._n_drop(sequence, lambda: config) == 4
     with pytest.raises(SystemExit, match="needs the config"):
         table._n_drop(token)
 
