@@ -74,11 +74,12 @@ def test_sequence_decisions_exclude_padding(arch, granularity):
     torch.testing.assert_close(got[1, -3:], alone, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("granularity", ["attn_token", "block_token"])
+@pytest.mark.parametrize("granularity", ["attn_token", "mlp_token", "block_token"])
 def test_token_attention_continued_from_a_cache(arch, granularity):
     """A prefix through the cache, then a multi-token chunk and a one-token step with mixed
     per-token decisions: their queries sit after the cached keys (without padding transformers
-    passes no mask to a one-token step, so the kept queries' positions must be right by themselves)."""
+    passes no mask to a one-token step, so the kept queries' positions must be right by themselves),
+    and the one-token step of the batch, which computes every row, zeroes the skipped rows."""
     from transformers import DynamicCache
 
     plain = tiny_model(arch)

@@ -66,8 +66,18 @@ class Decision:
         self.route = route
         self.keep = keep  # (B, T) bool
         self.gate = gate  # (B, 1, 1) or (B, T, 1) straight-through gate
+        # A decode step of a batch (one token per row) computes every row and zeroes the update
+        # of the skipped ones, without reading the decision on the host: at one token per row
+        # the kept ones would have to be copied out of the cache, which costs what their
+        # attention saves (docs/design.md (b), measured).
+        self.masked = False
         if keep is not None and fixed is not None:  # a threshold fixed it: known without a host read
             self.max_kept, self.all_kept = (keep.shape[1] if fixed else 0), fixed
+        elif keep is not None and keep.shape[1] == 1 and keep.shape[0] > 1:
+            self.masked, self.max_kept, self.all_kept = True, 1, False
+        elif keep is not None and keep.numel() == 1:  # a batch-1 decode step: one bool to read
+            self.all_kept = bool(keep)
+            self.max_kept = int(self.all_kept)
         elif keep is not None:
             # one host read for both counts
             self.max_kept, n_kept = (int(v) for v in torch.stack([keep.sum(1).max(), keep.sum()]).tolist())
@@ -322,6 +332,9 @@ class RoutedAttention(SubLayerWrapper):
     def _run_tokens(self, d: Decision, hidden, cache, args, kwargs):
         if d.all_kept:
             return self._plain(*args, **kwargs)
+        if d.masked:
+            out, *rest = self._plain(*args, **kwargs)
+            return (_zero_skipped(out, d.keep), *rest)
         attn, spec = self.base_layer, self.routing.arch
         mask = kwargs.get("attention_mask")
         pos = kwargs.get("position_embeddings")
@@ -333,7 +346,7 @@ class RoutedAttention(SubLayerWrapper):
             out = kept_query_attention(attn, spec, hidden, d.keep, d.max_kept, mask, pos, cache)
             return out, None
         out, *rest = self.base_layer(*args, **kwargs)  # every query; the cache gets every token
-        return (out * d.keep.unsqueeze(-1).to(out.dtype), *rest)
+        return (_zero_skipped(out, d.keep), *rest)
 
 
 class RoutedMLP(SubLayerWrapper):
@@ -367,6 +380,8 @@ class RoutedMLP(SubLayerWrapper):
             return _scatter(self.base_layer(x.index_select(0, rows), *args, **kwargs), rows, x.shape[0])
         if d.all_kept:
             return self._plain(x, *args, **kwargs)
+        if d.masked:
+            return _zero_skipped(self._plain(x, *args, **kwargs), d.keep)
         if d.max_kept == 0:
             return torch.zeros_like(x)
         B, T, C = x.shape
@@ -399,6 +414,12 @@ class BranchGate(SubLayerWrapper):
 def _scatter(out: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
     """``out`` (rows ``index`` of a batch of ``size``) placed into zeros: skipped rows add nothing."""
     return out.new_zeros(size, *out.shape[1:]).index_copy(0, index, out)
+
+
+def _zero_skipped(out: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``out`` (B, T, C) with the tokens that ``keep`` (B, T) skips set to 0 (not multiplied:
+    a skipped token adds nothing even where its computed update is not finite)."""
+    return torch.where(keep.unsqueeze(-1), out, 0.0)
 
 
 def _rows_selectable(attention_mask: Any) -> bool:

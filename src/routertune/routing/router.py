@@ -27,7 +27,11 @@ class Float32Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x.float(), self.weight.float())
+        w = self.weight
+        # (the checks skip two no-op casts per call: a decode step calls this once per routed layer)
+        return nn.functional.linear(
+            x if x.dtype == torch.float32 else x.float(), w if w.dtype == torch.float32 else w.float()
+        )
 
 
 class Router(nn.Module):
