@@ -13,8 +13,10 @@
     masked to 0).
 (b) ``token_attn``: ``attn_token`` with about half the tokens kept in every routed layer. The
     current design computes K/V for every token and queries/attention/o_proj for kept tokens only
-    (gathered, padded to the row with most kept tokens); compared with computing everything and
-    masking the update (the seed's way).
+    (gathered, padded to the row with most kept tokens), except at a decode step of a batch, which
+    computes every row and zeroes the skipped rows' update (no host read); compared with the
+    previous design (kept queries padded at decode steps too), with selecting the kept rows at a
+    decode step, and with computing everything and masking the update (the seed's way).
 (c) ``overhead``: the cost of having routers at all: dense vs threshold 0 (decided without
     scoring) vs zero routers at threshold 0.5 (scored every prefill, everything kept);
     ``overhead_micro`` isolates the per-layer Python cost on a model where compute is negligible.
@@ -87,24 +89,32 @@ def _attention_rows_with_all_kv(self, route, hidden, args, kwargs):
 
 
 _CURRENT_TOKEN_ATTENTION = L.RoutedAttention._run_tokens
+_CURRENT_DECISION = L.Decision.__init__
+
+
+def _decision_counted_on_host(self, route=None, keep=None, gate=None, fixed=None):
+    """(b) previous design: every scored token decision's counts read on the host, so a decode
+    step of a batch pads its kept tokens to one query slot per row (queries, attention and o_proj
+    for every row whenever one row keeps) and gathers the MLP's kept tokens."""
+    _CURRENT_DECISION(self, route, keep, gate, fixed)
+    if keep is not None and fixed is None:
+        self.masked = False
+        self.max_kept, n_kept = (int(v) for v in torch.stack([keep.sum(1).max(), keep.sum()]).tolist())
+        self.all_kept = n_kept == keep.numel()
 
 
 def _token_attention_rows_at_decode(self, d, hidden, cache, args, kwargs):
-    """(b) proposal: at a decode step (one token per row) of a batch, select the kept ROWS.
-
-    The current code pads every row to one query slot, so a step in which any row keeps its
-    token computes queries, attention and o_proj for every row (plus the gather/sort/scatter
-    and an explicit mask). Selecting the kept rows computes them for kept tokens only.
-    """
+    """(b) alternative: at a decode step (one token per row) of a batch, select the kept ROWS
+    (one host read of which): queries, attention and o_proj for kept tokens only, the kept rows'
+    keys/values copied out of the cache for the kernel."""
     B, T, _ = hidden.shape
-    if (
-        T == 1
-        and B > 1
-        and not d.all_kept
-        and d.max_kept == 1
-        and L._rows_selectable(kwargs.get("attention_mask"))
-    ):
+    if T == 1 and B > 1 and not d.all_kept and L._rows_selectable(kwargs.get("attention_mask")):
         rows = d.keep[:, 0].nonzero().squeeze(1)
+        if rows.numel() == 0:
+            TA.keys_and_values(
+                self.base_layer, self.routing.arch, hidden, kwargs["position_embeddings"], cache
+            )
+            return torch.zeros_like(hidden), None
         return rows_attention_update(self, hidden, rows, kwargs, cache), None
     return _CURRENT_TOKEN_ATTENTION(self, d, hidden, cache, args, kwargs)
 
@@ -247,6 +257,7 @@ def measure_token_attention(model, args, shape) -> list[dict[str, Any]]:
     variants = {
         "dense": lambda: routers_detached(model),
         "kept_queries": contextlib.nullcontext,  # the library as it is
+        "padded_queries_at_decode": lambda: patched(L.Decision, "__init__", _decision_counted_on_host),
         "compute_all_mask": lambda: patched(L, "supports_kept_queries", lambda attn, spec: False),
         "kept_rows_at_decode": lambda: patched(L.RoutedAttention, "_run_tokens", _token_attention_rows_at_decode),
     }
@@ -267,7 +278,7 @@ def measure_token_attention(model, args, shape) -> list[dict[str, Any]]:
                 for ph in ("prefill", "decode")
             }
             ones = dict.fromkeys(layers, 1.0)  # computing everything = keeping everything, plus the router
-            flops["kept_rows_at_decode"] = flops["kept_queries"]
+            flops["kept_rows_at_decode"] = flops["padded_queries_at_decode"] = flops["kept_queries"]
             flops["compute_all_mask"] = {
                 ph: phase_flops(shape, ph, context, batch, routed_works("attn_token", ones), args.new_tokens).total
                 for ph in ("prefill", "decode")
