@@ -99,8 +99,7 @@ def _decision_counted_on_host(self, route=None, keep=None, gate=None, fixed=None
     _CURRENT_DECISION(self, route, keep, gate, fixed)
     if keep is not None and fixed is None:
         self.masked = False
-        self.max_kept, n_kept = (int(v) for v in torch.stack([keep.sum(1).max(), keep.sum()]).tolist())
-        self.all_kept = n_kept == keep.numel()
+        self.count_on_host(keep)
 
 
 def _token_attention_rows_at_decode(self, d, hidden, cache, args, kwargs):
