@@ -13,10 +13,13 @@
     masked to 0).
 (b) ``token_attn``: ``attn_token`` with about half the tokens kept in every routed layer. The
     current design computes K/V for every token and queries/attention/o_proj for kept tokens only
-    (gathered, padded to the row with most kept tokens), except at a decode step of a batch, which
-    computes every row and zeroes the skipped rows' update (no host read); compared with the
-    previous design (kept queries padded at decode steps too), with selecting the kept rows at a
-    decode step, and with computing everything and masking the update (the seed's way).
+    (gathered, padded to the row with most kept tokens), except at a decode step of a batch: on
+    CPU (the decision is in host memory) the kept rows run alone, the kernel reading the cache in
+    place one run of consecutive kept rows at a time; on an accelerator every row is computed and
+    the skipped rows' update zeroed (no host read: ``masked_at_decode`` here). Compared with the
+    design before that (kept queries padded at decode steps too), with selecting the kept rows
+    and copying their keys/values for one kernel call, and with computing everything and masking
+    the update (the seed's way).
 (c) ``overhead``: the cost of having routers at all: dense vs threshold 0 (decided without
     scoring) vs zero routers at threshold 0.5 (scored every prefill, everything kept);
     ``overhead_micro`` isolates the per-layer Python cost on a model where compute is negligible.
@@ -98,7 +101,7 @@ def _decision_counted_on_host(self, route=None, keep=None, gate=None, fixed=None
     for every row whenever one row keeps) and gathers the MLP's kept tokens."""
     _CURRENT_DECISION(self, route, keep, gate, fixed)
     if keep is not None and fixed is None:
-        self.masked = False
+        self.masked, self.kept_rows = False, None
         self.count_on_host(keep)
 
 
@@ -255,7 +258,8 @@ def measure_token_attention(model, args, shape) -> list[dict[str, Any]]:
     set_thresholds(model, {i: float(s.median()) for i, s in rec.per_layer().items()})
     variants = {
         "dense": lambda: routers_detached(model),
-        "kept_queries": contextlib.nullcontext,  # the library as it is
+        "kept_queries": contextlib.nullcontext,  # the library as it is (on CPU: kept row runs at decode)
+        "masked_at_decode": lambda: patched(L, "decision_on_host", lambda keep: False),  # an accelerator's path
         "padded_queries_at_decode": lambda: patched(L.Decision, "__init__", _decision_counted_on_host),
         "compute_all_mask": lambda: patched(L, "supports_kept_queries", lambda attn, spec: False),
         "kept_rows_at_decode": lambda: patched(L.RoutedAttention, "_run_tokens", _token_attention_rows_at_decode),
@@ -278,6 +282,10 @@ def measure_token_attention(model, args, shape) -> list[dict[str, Any]]:
             }
             ones = dict.fromkeys(layers, 1.0)  # computing everything = keeping everything, plus the router
             flops["kept_rows_at_decode"] = flops["padded_queries_at_decode"] = flops["kept_queries"]
+            flops["masked_at_decode"] = {  # prefill as the library, decode computes every row
+                "prefill": flops["kept_queries"]["prefill"],
+                "decode": phase_flops(shape, "decode", context, batch, routed_works("attn_token", ones), args.new_tokens).total,
+            }
             flops["compute_all_mask"] = {
                 ph: phase_flops(shape, ph, context, batch, routed_works("attn_token", ones), args.new_tokens).total
                 for ph in ("prefill", "decode")

@@ -74,14 +74,20 @@ def test_sequence_decisions_exclude_padding(arch, granularity):
     torch.testing.assert_close(got[1, -3:], alone, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("decode", ["kept_rows", "masked"])
 @pytest.mark.parametrize("granularity", ["attn_token", "mlp_token", "block_token"])
-def test_token_attention_continued_from_a_cache(arch, granularity):
+def test_token_attention_continued_from_a_cache(arch, granularity, decode, monkeypatch):
     """A prefix through the cache, then a multi-token chunk and a one-token step with mixed
     per-token decisions: their queries sit after the cached keys (without padding transformers
     passes no mask to a one-token step, so the kept queries' positions must be right by themselves),
-    and the one-token step of the batch, which computes every row, zeroes the skipped rows."""
+    and the one-token step of the batch either runs the kept rows alone (the decision is on the
+    host: CPU) or computes every row and zeroes the skipped ones (an accelerator's decision)."""
     from transformers import DynamicCache
 
+    from routertune.routing import layers
+
+    if decode == "masked":
+        monkeypatch.setattr(layers, "decision_on_host", lambda keep: False)
     plain = tiny_model(arch)
     model = routed_copy(plain, granularity, seed=7)
     ids = torch.randint(3, VOCAB, (4, 15), generator=torch.Generator().manual_seed(13))

@@ -25,7 +25,9 @@ Per forward:
     reuse them and a layer skipped by the whole batch never writes KV.
   * ``*_token``: the MLP runs on the kept tokens only; attention computes keys/values for all
     tokens and queries only for the kept ones (:mod:`routertune.routing.token_attention`) where the
-    family's table entry allows, else every query.
+    family's table entry allows, else every query. A decode step of a batch runs its kept rows
+    alone where the decision is in host memory (CPU) and, on an accelerator, computes every row
+    and zeroes the skipped ones (no device synchronisation per layer and step).
 * under ``torch.compile`` (not training): a sub-layer whose threshold fixes the decision is
   traced as the plain or deleted sub-layer; any other runs the code above inside one opaque op
   (:mod:`routertune.routing.compiled`), so the graph holds no route and never recompiles for one.
@@ -44,13 +46,23 @@ from routertune.routing import compiled
 from routertune.routing.arch import CACHE_KWARGS, ArchSpec, UnsupportedArchitectureError
 from routertune.routing.router import Router, masked_sequence_mean, straight_through_gate
 from routertune.routing.routes import ROUTES_ATTR, RowsOfCache, SequenceRoute, routes_of  # noqa: F401 (ROUTES_ATTR re-exported)
-from routertune.routing.token_attention import kept_query_attention, keys_and_values, supports_kept_queries
+from routertune.routing.token_attention import (
+    kept_query_attention,
+    kept_row_attention,
+    keys_and_values,
+    supports_kept_queries,
+)
 
 # Keyword argument that carries the 2-D padding mask from the base model to every decoder layer.
 TOKEN_MASK_KWARG = "routertune_token_mask"
 # Keyword argument that carries an optional 2-D mask of the tokens a sequence router decides on
 # (e.g. the prompt only, not the answer being scored or learnt); padding is excluded anyway.
 ROUTING_MASK_KWARG = "routertune_routing_mask"
+
+
+def decision_on_host(keep: torch.Tensor) -> bool:
+    """Whether reading ``keep`` on the host is free (no device synchronisation)."""
+    return keep.device.type == "cpu"
 
 
 class Decision:
@@ -66,15 +78,21 @@ class Decision:
         self.route = route
         self.keep = keep  # (B, T) bool
         self.gate = gate  # (B, 1, 1) or (B, T, 1) straight-through gate
-        # A decode step of a batch (one token per row) computes every row and zeroes the update
-        # of the skipped ones, without reading the decision on the host (a sync per layer and
-        # step on a GPU). Selecting the kept rows instead measured up to 3% faster on CPU at
-        # batch 8, but needs that read (docs/design.md (b)).
+        # A decode step of a batch (one token per row): where the decision is already in host
+        # memory (a CPU tensor) reading it costs nothing, so only the kept rows run
+        # (``kept_rows``); on an accelerator that read would stall the device once per layer and
+        # step, so every row is computed and the skipped rows' update zeroed (``masked``)
+        # instead (docs/design.md (b) has the measurements).
         self.masked = False
+        self.kept_rows: list[int] | None = None
         if keep is not None and fixed is not None:  # a threshold fixed it: known without a host read
             self.max_kept, self.all_kept = (keep.shape[1] if fixed else 0), fixed
         elif keep is not None and keep.shape[1] == 1 and keep.shape[0] > 1:
-            self.masked, self.max_kept, self.all_kept = True, 1, False
+            if decision_on_host(keep):
+                self.kept_rows = keep[:, 0].nonzero().squeeze(1).tolist()
+                self.max_kept, self.all_kept = int(bool(self.kept_rows)), len(self.kept_rows) == keep.shape[0]
+            else:
+                self.masked, self.max_kept, self.all_kept = True, 1, False
         elif keep is not None and keep.numel() == 1:  # a batch-1 decode step: one bool to read
             self.all_kept = bool(keep)
             self.max_kept = int(self.all_kept)
@@ -346,6 +364,8 @@ class RoutedAttention(SubLayerWrapper):
                 # Keys/values are still written so the cache stays complete for later tokens.
                 keys_and_values(attn, spec, hidden, pos, cache)
                 return torch.zeros_like(hidden), None
+            if d.kept_rows is not None:
+                return kept_row_attention(attn, spec, hidden, d.kept_rows, mask, pos, cache), None
             out = kept_query_attention(attn, spec, hidden, d.keep, d.max_kept, mask, pos, cache)
             return out, None
         out, *rest = self.base_layer(*args, **kwargs)  # every query; the cache gets every token

@@ -131,3 +131,64 @@ def kept_query_attention(
     out = torch.where(valid.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
     update = x.new_zeros(B, T, out.shape[-1])
     return update.scatter(1, order.unsqueeze(-1).expand(-1, -1, out.shape[-1]), out.to(update.dtype))
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """``rows`` (sorted) as half-open runs of consecutive rows: [0, 1, 4, 6, 7] -> (0,2), (4,5), (6,8)."""
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
+def kept_row_attention(
+    attn: nn.Module,
+    spec: ArchSpec,
+    x: torch.Tensor,
+    rows: list[int],
+    attention_mask: torch.Tensor | None,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    cache: Any,
+) -> torch.Tensor:
+    """Attention output of a decode step (one token per row) for the batch rows ``rows`` only.
+
+    Keys/values of every row are written to the cache; queries, the kernel and the output
+    projection run for the kept rows. The kernel reads the cache in place: each run of
+    consecutive kept rows is a view of the cache's rows (no copy of keys/values, which at decode
+    would move as many bytes as the skipped rows' attention reads), one kernel call per run.
+
+    Args:
+        x: ``(B, 1, C)`` the attention's input.
+        rows: the kept rows, sorted, on the host (at least one, not all).
+        attention_mask: the layer's mask ``(B|1, 1, 1, S)`` (bool or additive) or None.
+
+    Returns:
+        ``(B, 1, C)`` attention output (zeros in the skipped rows).
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    B, T, C = x.shape
+    k, v = keys_and_values(attn, spec, x, position_embeddings, cache)
+    index = torch.tensor(rows, device=x.device)
+    q = _heads(attn, spec, attn.q_proj, "q_norm", x.index_select(0, index))  # (K, H, 1, D)
+    cos, sin = (t.index_select(0, index) if t.shape[0] == B and B > 1 else t for t in position_embeddings)
+    q = _rotary(attn, q, cos, sin)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+        attn.config._attn_implementation, _modeling_module(attn).eager_attention_forward
+    )
+    outs, start = [], 0
+    for a, b in _runs(rows):
+        mask = attention_mask
+        if mask is not None and mask.shape[0] == B:
+            mask = mask[a:b]
+        out, _ = interface(
+            attn, q[start : start + b - a], k[a:b], v[a:b], mask,
+            dropout=0.0, scaling=attn.scaling, **spec.kernel_kwargs(attn),
+        )  # fmt: skip
+        outs.append(out)
+        start += b - a
+    out = attn.o_proj(torch.cat(outs).reshape(len(rows), T, -1))  # (K, 1, C)
+    return x.new_zeros(B, T, out.shape[-1]).index_copy(0, index, out.to(x.dtype))
