@@ -9,10 +9,13 @@ Sections, each recorded in the JSON as soon as it finishes (a timeout keeps what
 1. exact: greedy tokens of the dense model, routers on at threshold 0 (must equal dense), the
    deepest half of the routed layers forced to skip, and the model with those attention
    sub-layers deleted (must equal the skipping one); bf16, batch 2, left padding.
-2. eager: ``run_benchmark`` (dense, routed, oracle): prefill and decode tok/s, KV bytes.
-3. train: one router-only vs one full fine-tuning step (forward, backward, AdamW step) on the
+2. kernels: per attention kernel (sdpa, eager, flex_attention, flash_attention_2 where
+   flash-attn is installed), on the 1B shape: routers on = dense tokens, skipping = deleted, and
+   a left-padded batch whose rows take different routes = each row alone (``kernels``).
+3. eager: ``run_benchmark`` (dense, routed, oracle): prefill and decode tok/s, KV bytes.
+4. train: one router-only vs one full fine-tuning step (forward, backward, AdamW step) on the
    1B shape, time and peak GPU memory.
-4. compiled (last: compiling is the slow part): ``run_compiled_benchmark`` at 2048 tokens,
+5. compiled (last: compiling is the slow part): ``run_compiled_benchmark`` at 2048 tokens,
    batch 1 and 8: dense eager/compiled, routed compiled (forced route: deleted sub-layers in the
    graph), the same route scored (ops in the graph), oracle compiled.
 
@@ -77,6 +80,69 @@ def exactness(model, device: torch.device, n: int = 16) -> dict[str, Any]:
     }
 
 
+KERNELS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
+
+
+def kernels(
+    preset: str, device: torch.device, dtype: torch.dtype, names: tuple[str, ...] = KERNELS, n: int = 8
+) -> dict[str, Any]:
+    """Per attention kernel a user can pick, on ``preset``: routers on (threshold 0) give the
+    dense greedy tokens; the deepest half skipped gives the tokens of the model with those
+    attentions deleted; and in a left-padded batch whose two rows take different forced routes
+    (every routed layer: one row keeps, the other skips), each row's tokens equal that row run
+    alone with its route (the mixed layers run their attention on the kept row only). A kernel
+    that cannot be set here (flash-attn not installed, ...) is recorded with the reason."""
+    from routertune.routing.attach import forced_routes, routed_layers
+
+    g = torch.Generator().manual_seed(2)
+    out: dict[str, Any] = {}
+    for kernel in names:
+        model = build_random_model(preset, device=device, dtype=dtype, seed=0)
+        try:
+            model.set_attn_implementation(kernel)
+        except (ImportError, ValueError) as e:
+            out[kernel] = {"unavailable": str(e).splitlines()[0][:300]}
+            continue
+        attach_routers(
+            model,
+            RouterConfig(granularity="attn_sequence", router_layers=model.config.num_hidden_layers // 2),
+        )
+        ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=g)
+        mask = torch.ones_like(ids)
+        ids[1, :6], mask[1, :6] = 0, 0  # left padding
+        ids, mask = ids.to(device), mask.to(device)
+        plain = detach_routers(copy.deepcopy(model))
+        result: dict[str, Any] = {}
+        try:
+            set_thresholds(model, 0.0)
+            result["routers_on_equals_dense"] = bool(
+                torch.equal(_greedy(model, ids, mask, n), _greedy(plain, ids, mask, n))
+            )
+            skipped = force_skip(model, 0.5)
+            deleted = deleted_copy(plain, skipped, "attn")
+            result["skipping_equals_deleted"] = bool(
+                torch.equal(_greedy(model, ids, mask, n), _greedy(deleted, ids, mask, n))
+            )
+            set_thresholds(model, 0.5)  # scored, but every decision forced below
+            layers = sorted(routed_layers(model))
+            routes = {i: torch.tensor([i % 2 == 0, i % 2 == 1], device=device) for i in layers}
+            with forced_routes(model, routes):
+                batch = _greedy(model, ids, mask, n)
+            alone = []
+            for row in range(2):
+                real = mask[row].bool()
+                with forced_routes(model, {i: r[row : row + 1] for i, r in routes.items()}):
+                    alone.append(_greedy(model, ids[row : row + 1, real], mask[row : row + 1, real], n))
+            result["mixed_rows_equal_rows_alone"] = [
+                bool(torch.equal(batch[r], alone[r][0])) for r in range(2)
+            ]
+        except Exception as e:  # noqa: BLE001 - a kernel that breaks is a finding, not the end of the check
+            result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        out[kernel] = result
+        del model, plain
+    return out
+
+
 def train_step(preset: str, device: torch.device, dtype: torch.dtype, seq: int, batch: int) -> dict[str, Any]:
     out = {}
     for mode in ("router", "full"):
@@ -121,7 +187,10 @@ def main() -> None:
     )
     parser.add_argument("--tiny", action="store_true", help="toy shapes (a CPU test of this script)")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--only", default="exact,eager,compiled,train")
+    parser.add_argument("--only", default="exact,kernels,eager,compiled,train")
+    parser.add_argument(
+        "--kernels", default=",".join(KERNELS), help="attention kernels of the kernels section"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu_check.json")
     parser.add_argument("--compile_backend", default="inductor")
     args = parser.parse_args()
@@ -145,6 +214,14 @@ def main() -> None:
     if "exact" in sections:
         t = time.perf_counter()
         record("exact", exactness(model, device), time.perf_counter() - t)
+    if "kernels" in sections:
+        t = time.perf_counter()
+        preset_k = "llama-tiny" if args.tiny else "llama-1b"
+        record(
+            "kernels",
+            kernels(preset_k, device, dtype, tuple(args.kernels.split(","))),
+            time.perf_counter() - t,
+        )
     if "eager" in sections:
         t = time.perf_counter()
         settings = BenchSettings(

@@ -240,13 +240,18 @@ def test_gpu_check_script_at_a_toy_shape(tmp_path):
     out = tmp_path / "gpu_check.json"
     script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
     done = subprocess.run(
-        [sys.executable, str(script), "--tiny", "--device", "cpu", "--compile_backend", "eager", "--out", str(out)],
+        [sys.executable, str(script), "--tiny", "--device", "cpu", "--compile_backend", "eager", "--out", str(out),
+         "--kernels", "sdpa,eager"],  # flex attention compiles with inductor: tests/test_attention_kernels.py
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     sections = json.loads(out.read_text())["sections"]
-    assert set(sections) == {"exact", "eager", "train", "compiled_batch1", "compiled_batch2"}
+    assert set(sections) == {"exact", "kernels", "eager", "train", "compiled_batch1", "compiled_batch2"}
     assert sections["exact"]["routers_on_equals_dense"] and sections["exact"]["skipping_equals_deleted"]
+    for kernel in ("sdpa", "eager"):
+        checks = {k: v for k, v in sections["kernels"][kernel].items() if k != "seconds"}
+        assert checks == {"routers_on_equals_dense": True, "skipping_equals_deleted": True,
+                          "mixed_rows_equal_rows_alone": [True, True]}, kernel
     assert sections["train"]["router"]["trainable_parameters"] < sections["train"]["full"]["trainable_parameters"]
     for batch in (1, 2):
         (cell,) = sections[f"compiled_batch{batch}"]["report"]["results"]

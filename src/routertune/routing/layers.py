@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from routertune.routing import compiled
+from routertune.routing import compiled, masks
 from routertune.routing.arch import CACHE_KWARGS, ArchSpec, UnsupportedArchitectureError
 from routertune.routing.router import Router, masked_sequence_mean, straight_through_gate
 from routertune.routing.routes import ROUTES_ATTR, RowsOfCache, SequenceRoute, routes_of  # noqa: F401 (ROUTES_ATTR re-exported)
@@ -446,11 +446,14 @@ def _zero_skipped(out: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def _rows_selectable(attention_mask: Any) -> bool:
-    return attention_mask is None or isinstance(attention_mask, torch.Tensor)
+    return masks.rows_selectable(attention_mask)
 
 
 def _select_rows(value: Any, rows: torch.Tensor, batch_size: int) -> Any:
-    """Rows of a per-batch tensor (or tuple of them); broadcast (batch 1) values pass through."""
+    """Rows of a per-batch tensor or flex BlockMask (or tuple of them); broadcast (batch 1)
+    values pass through."""
+    if masks.is_block_mask(value):
+        return masks.select_mask_rows(value, rows, batch_size)
     if isinstance(value, torch.Tensor):
         if value.dim() > 0 and value.shape[0] == batch_size and batch_size > 1:
             return value.index_select(0, rows)
