@@ -217,3 +217,23 @@ def test_real_default_model_answers_arithmetic():
     stats = summary(result)
     # 30 layers x 2 (K, V) x 3 KV heads x 64 dims x 4 bytes per cached position, all layers dense.
     assert stats["kv"] == 30 * 2 * 3 * 64 * 4 * (stats["prompt"] + stats["new"] - 1)
+
+
+def test_attention_kernel_is_chosen_and_an_unavailable_one_is_refused(app, tiny_folder, tmp_path):
+    """--attn_implementation eager loads the eager kernel and routes to sdpa's text; a kernel this
+    machine cannot run (flash attention without CUDA / flash-attn) is an error naming it."""
+    model, _ = load_model_and_tokenizer(tiny_folder, progress=False)
+    attach_routers(model, RouterConfig(granularity="attn_sequence", threshold=2.0))
+    save_routers(model, tmp_path / "routers")
+    args = ("--model", str(tiny_folder), "--prompt", "the theme", "--max_new_tokens", "6",
+            "--routers", str(tmp_path / "routers"))  # fmt: skip
+    sdpa, eager = run(app, *args), run(app, *args, "--attn_implementation", "eager")
+    assert sdpa.exit_code == eager.exit_code == 0, eager.stderr
+    assert eager.stdout == sdpa.stdout
+    eager_model, _ = load_model_and_tokenizer(tiny_folder, progress=False, attn_implementation="eager")
+    assert eager_model.config._attn_implementation == "eager"
+    refused = run(
+        app, "--model", str(tiny_folder), "--prompt", "hi", "--attn_implementation", "flash_attention_2"
+    )
+    assert refused.exit_code == 1
+    assert "flash_attention_2" in refused.stderr and "Traceback" not in refused.stderr

@@ -115,14 +115,29 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def load_bench_model(name: str, device: str = "cpu", dtype: str | torch.dtype | None = None, seed: int = 0):
-    """``random:<preset>`` or anything ``routertune.loading`` resolves; returns ``(model, display name)``."""
+def load_bench_model(
+    name: str,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    seed: int = 0,
+    attn_implementation: str | None = None,
+):
+    """``random:<preset>`` or anything ``routertune.loading`` resolves; returns ``(model, display name)``.
+    ``attn_implementation`` picks the attention kernel (None: sdpa)."""
     from routertune.loading import load_model_and_tokenizer, parse_dtype
 
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is None:
         torch_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if name.startswith(RANDOM_PREFIX):
-        return build_random_model(name, device, torch_dtype, seed), name
-    model, _ = load_model_and_tokenizer(name, dtype=torch_dtype, device=device, progress=False)
+        model = build_random_model(name, device, torch_dtype, seed)
+        if attn_implementation is not None:
+            try:
+                model.set_attn_implementation(attn_implementation)
+            except ImportError as err:
+                raise ValueError(f"attention kernel {attn_implementation!r}: {err}") from err
+        return model, name
+    model, _ = load_model_and_tokenizer(
+        name, dtype=torch_dtype, device=device, progress=False, attn_implementation=attn_implementation
+    )
     return model, model.config._name_or_path

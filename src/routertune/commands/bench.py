@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from routertune.commands.common import dtype_option, fail
+from routertune.commands.common import attn_option, dtype_option, fail
 from routertune.loading import DEFAULT_MODEL
 from routertune.routing.config import GRANULARITIES
 
@@ -67,6 +67,7 @@ def bench(
     json_path: Path | None = typer.Option(None, "--json", help="Write the full report (JSON) here."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (cuda:N)."),
     dtype: str | None = dtype_option(),
+    attn_implementation: str | None = attn_option(),
     threads: int | None = typer.Option(
         None, "--threads", help="torch CPU threads (default: torch's choice)."
     ),
@@ -116,7 +117,9 @@ def bench(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        lm, name = load_bench_model(model, device=device, dtype=dtype, seed=seed)
+        lm, name = load_bench_model(
+            model, device=device, dtype=dtype, seed=seed, attn_implementation=attn_implementation
+        )
     except (BenchError, ModelResolutionError, ValueError) as err:
         fail(str(err))
     try:

@@ -31,6 +31,15 @@ def dtype_option() -> Any:
     return typer.Option(None, "--dtype", help="float32, bf16 or fp16; default float32 on CPU, bf16 on CUDA.")
 
 
+def attn_option() -> Any:
+    return typer.Option(
+        None,
+        "--attn_implementation",
+        "--attn-implementation",
+        help="Attention kernel: sdpa (default), eager, flex_attention, flash_attention_2 (CUDA + flash-attn).",
+    )
+
+
 def checked_limit(limit: float | None) -> int | float | None:
     """``--limit`` as lm-eval takes it: a whole number of documents, or a fraction below 1."""
     from routertune.evaluation.errors import EvaluationError

@@ -18,7 +18,15 @@ from typing import Any
 
 import typer
 
-from routertune.commands.common import checked_limit, device_option, dtype_option, fail, fmt4, model_option
+from routertune.commands.common import (
+    attn_option,
+    checked_limit,
+    device_option,
+    dtype_option,
+    fail,
+    fmt4,
+    model_option,
+)
 from routertune.data.encode import ROUTE_ON
 from routertune.tasks import DEFAULT_TASKS, TASK_PREFIX
 
@@ -70,6 +78,7 @@ def evaluate_command(
     ),
     device: str | None = device_option(),
     dtype: str | None = dtype_option(),
+    attn_implementation: str | None = attn_option(),
     device_map: str | None = typer.Option(
         None,
         "--device_map",
@@ -116,7 +125,9 @@ def evaluate_command(
     if device_map is not None and device is not None:
         fail("give --device or --device_map, not both")
     try:
-        lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device, device_map=device_map)
+        lm, tokenizer = load_model_and_tokenizer(
+            model, dtype=dtype, device=device, device_map=device_map, attn_implementation=attn_implementation
+        )
     except (ModelResolutionError, ValueError) as err:
         fail(str(err))
     if routers is not None:

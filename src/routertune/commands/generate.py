@@ -16,7 +16,7 @@ from typing import Any
 
 import typer
 
-from routertune.commands.common import device_option, dtype_option, fail, model_option
+from routertune.commands.common import attn_option, device_option, dtype_option, fail, model_option
 
 
 def register(app: typer.Typer) -> None:
@@ -42,6 +42,7 @@ def generate(
     seed: int | None = typer.Option(None, "--seed", help="Random seed (for sampling)."),
     device: str | None = device_option(),
     dtype: str | None = dtype_option(),
+    attn_implementation: str | None = attn_option(),
     compile_decode: bool = typer.Option(
         False,
         "--compile",
@@ -61,7 +62,9 @@ def generate(
     from routertune.loading import ModelResolutionError, load_model_and_tokenizer
 
     try:
-        lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
+        lm, tokenizer = load_model_and_tokenizer(
+            model, dtype=dtype, device=device, attn_implementation=attn_implementation
+        )
     except (ModelResolutionError, ValueError) as err:
         fail(str(err))
     if routers is not None:

@@ -56,6 +56,7 @@ def load_model_and_tokenizer(
     device: str | torch.device | None = None,
     *,
     device_map: str | dict | None = None,
+    attn_implementation: str | None = None,
     builtins: Mapping[str, BuiltinModel] | None = None,
     cache: str | os.PathLike[str] | None = None,
     progress: bool = True,
@@ -79,6 +80,9 @@ def load_model_and_tokenizer(
         device_map: instead of one device, transformers' placement of a model too big for one
             (``"auto"``, or ``{module name: device}``): weights load straight onto their
             devices; routers attached later go to the device of their layer. Not with ``device``.
+        attn_implementation: the attention kernel (``sdpa``, ``eager``, ``flex_attention``,
+            ``flash_attention_2``...); None = transformers' default (sdpa). A kernel this machine
+            cannot run raises ValueError naming it.
         builtins, cache, progress: as for ``resolve_model``.
 
     Returns:
@@ -101,7 +105,13 @@ def load_model_and_tokenizer(
     tokenizer.padding_side = "left"
 
     with hf_progress(progress):
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch_dtype, device_map=device_map)
+        kernel = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                resolved.path, dtype=torch_dtype, device_map=device_map, **kernel
+            )
+        except ImportError as err:  # a kernel whose package is missing, e.g. flash-attn
+            raise ValueError(f"attention kernel {attn_implementation!r}: {err}") from err
     if device_map is None:
         model.to(device)
     model.eval()
