@@ -471,3 +471,37 @@ def test_per_doc_scores_match_the_task_metrics_and_pair_up(model, tokenizer):
         paired_difference(plain, evaluate(model, tokenizer, ["arc_easy"], limit=4), tasks=["arc_easy"])
     with pytest.raises(EvaluationError, match="different documents"):
         paired_difference(plain, evaluate(model, tokenizer, ["arc_easy"], limit=3, per_doc=True), tasks=["arc_easy"])
+
+
+def test_request_routes_score_each_document_as_its_own_fixed_route(model, tokenizer):
+    """A forced route per request (the per-document oracle's tool): every document scores exactly
+    as in a run where all documents take its route, while the batches mix rows of both routes;
+    ``choices`` records each document's answer log-likelihoods and its contexts' keys (WinoGrande:
+    one context per choice) to trace requests back to documents."""
+    from routertune.evaluation.scores import context_key
+
+    random_routers(model, "attn_sequence")
+    first, second = sorted(routed_layers(model))
+    tasks, kw = ["arc_easy", "winogrande"], {"limit": 6, "batch_size": 4, "choices": True}
+    runs = {}
+    for skipped in (first, second):
+        set_thresholds(model, {i: 2.0 if i == skipped else 0.0 for i in (first, second)})
+        runs[skipped] = evaluate(model, tokenizer, tasks, **kw)
+    docs = [d for t in tasks for d in runs[first]["tasks"][t]["per_doc_choices"]]
+    assert len(docs) == 12 and all(len(d["logliks"]) == len(d["lengths"]) >= 2 for d in docs)
+    takes_first = {key for d in docs[::2] for key in d["contexts"]}
+
+    def route(context: str) -> set[int]:
+        return {first if context_key(context) in takes_first else second}
+
+    set_thresholds(model, 0.5)  # scored routers, overridden by the forced routes
+    mixed = evaluate(model, tokenizer, tasks, request_routes=route, **kw)
+    for t in tasks:
+        for n, doc in enumerate(mixed["tasks"][t]["per_doc_choices"]):
+            run = runs[first if doc["contexts"][0] in takes_first else second]
+            own = run["tasks"][t]["per_doc_choices"][n]
+            assert (own["doc_id"], own["contexts"]) == (doc["doc_id"], doc["contexts"])
+            got, want = torch.tensor(doc["logliks"]), torch.tensor(own["logliks"])
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    with pytest.raises(EvaluationError, match="not routed"):
+        evaluate(model, tokenizer, ["arc_easy"], limit=2, request_routes=lambda c: {0})

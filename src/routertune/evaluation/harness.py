@@ -9,6 +9,8 @@ padding mask, making every request's result independent of the batch.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -19,7 +21,7 @@ from tqdm import tqdm
 
 from routertune.data.encode import ROUTE_ON
 from routertune.evaluation.errors import EvaluationError
-from routertune.routing.attach import ROUTING_MASK_ARG, get_router_config
+from routertune.routing.attach import ROUTING_MASK_ARG, forced_routes, get_router_config, routed_layers
 
 
 def _has_sequence_routers(model: torch.nn.Module) -> bool:
@@ -42,13 +44,27 @@ class MaskedHFLM(HFLM):
     answer choice of a question is then scored by the same sub-network, and the score is the
     one a deployed routed model would give. ``route_on="all"`` decides on context +
     continuation (the seed's evaluation).
+
+    ``request_routes`` (analysis: per-document oracles) forces a route per request instead of
+    the routers' decision: called with the request's context string, it returns the routed
+    layers that request skips; every other routed layer keeps it. All choices of a document
+    share its context, so they are scored by one sub-network, as with ``route_on="prompt"``.
     """
 
-    def __init__(self, *args: Any, route_on: str = "prompt", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        route_on: str = "prompt",
+        request_routes: Callable[[str], Collection[int]] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if route_on not in ROUTE_ON:
             raise EvaluationError(f"route_on must be one of {ROUTE_ON}; got {route_on!r}")
         super().__init__(*args, **kwargs)
         self.route_on = route_on
+        self.request_routes = request_routes
+        if request_routes is not None and not _has_sequence_routers(self.model):
+            raise EvaluationError("request_routes needs *_sequence routers attached to the model")
         # HFLM sets up data parallelism only for a model it loads itself (and only on GPUs);
         # with a model object it expects the caller's: launched processes split the documents.
         accelerator = launched_accelerator()
@@ -90,7 +106,8 @@ class MaskedHFLM(HFLM):
         )
         for chunk in reorder.get_batched(n=batch_size, batch_fn=batch_fn):
             windows = [self._window(context, continuation) for _, context, continuation in chunk]
-            cont_logprobs = self._continuation_logprobs(windows, [len(c) for _, _, c in chunk])
+            with self._forced_routes([request for request, _, _ in chunk]):
+                cont_logprobs = self._continuation_logprobs(windows, [len(c) for _, _, c in chunk])
             for (request_str, context, continuation), logprobs in zip(chunk, cont_logprobs, strict=True):
                 # One forward may serve several requests with the same context and one-token
                 # continuations (lm-eval's logits cache); get_cache yields each of them.
@@ -110,6 +127,23 @@ class MaskedHFLM(HFLM):
                     pbar.update(1)
         pbar.close()
         return reorder.get_original(results)
+
+    def _forced_routes(self, requests: list[tuple[str, str] | None]):
+        """``request_routes``' routes for one batch (a no-op without them)."""
+        if self.request_routes is None:
+            return contextlib.nullcontext()
+        if any(r is None for r in requests):
+            raise EvaluationError("request_routes needs each request's context (not rolling log-likelihoods)")
+        skips = [set(self.request_routes(context)) for context, _ in requests]
+        layers = routed_layers(self.model)
+        unknown = set().union(*skips) - set(layers)
+        if unknown:
+            raise EvaluationError(f"request_routes named layers that are not routed: {sorted(unknown)}")
+        keep = {
+            i: torch.tensor([i not in skip for skip in skips], device=self.device)
+            for i in layers
+        }
+        return forced_routes(self.model, keep)
 
     def _window(self, context: list[int], continuation: list[int]) -> list[int]:
         """The tokens fed to the model: context + continuation minus its last token, left-truncated."""

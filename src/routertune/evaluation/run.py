@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import torch
 
 from routertune.data.encode import ROUTE_ON
 from routertune.evaluation.errors import EvaluationError
-from routertune.evaluation.scores import average, per_doc_scores, task_summary
+from routertune.evaluation.scores import average, per_doc_choices, per_doc_scores, task_summary
 from routertune.evaluation.task_manager import build_task_manager, resolve_tasks
 from routertune.tasks import DEFAULT_TASKS, PAPER_TASKS, TASK_PREFIX, olmo_datasets_root
 
@@ -32,6 +32,8 @@ def evaluate(
     task_limits: Mapping[str, int | float] | None = None,
     per_doc: bool = False,
     route_on: str = "prompt",
+    choices: bool = False,
+    request_routes: Callable[[str], Collection[int]] | None = None,
 ) -> dict[str, Any] | None:
     """Runs lm-eval on ``model`` itself and returns a JSON-able summary.
 
@@ -59,6 +61,11 @@ def evaluate(
             same documents can be compared pairwise (see :func:`paired_difference`).
         route_on: what sequence routers decide on: ``"prompt"`` (the request's context, as
             generation routes its prompt; default) or ``"all"`` (context + continuation). See ``MaskedHFLM``.
+        choices: also keep each document's answer-choice log-likelihoods (``"per_doc_choices"``,
+            :func:`routertune.evaluation.scores.per_doc_choices`; implies ``per_doc``).
+        request_routes: for analysis, a forced route per request: called with a request's
+            context string, returns the routed layers that request skips (every other routed
+            layer keeps it); needs ``*_sequence`` routers. See ``MaskedHFLM``.
 
     Data parallel: under ``accelerate launch --num_processes N`` (or torchrun) every process
     calls this with its own copy of the model; lm-eval splits each task's documents across them
@@ -101,12 +108,14 @@ def evaluate(
     was_training = model.training  # HFLM switches the model to eval mode
     if route_on not in ROUTE_ON:
         raise EvaluationError(f"route_on must be one of {ROUTE_ON}; got {route_on!r}")
+    per_doc = per_doc or choices
     lm = MaskedHFLM(
         pretrained=model,
         tokenizer=copy.deepcopy(tokenizer),
         batch_size=batch_size,
         max_length=max_length,
         route_on=route_on,
+        request_routes=request_routes,
     )
     model.eval()
     per_task: dict[str, dict[str, Any]] = {}
@@ -138,6 +147,8 @@ def evaluate(
                 entry["capacity"] = capacity
                 if per_doc:
                     entry["per_doc"] = per_doc_scores(out.get("samples", {}))
+                if choices:
+                    entry["per_doc_choices"] = per_doc_choices(out.get("samples", {}))
                 per_task[name] = entry
             overall_capacity = _summed_capacity(overall, lm) if overall is not None else None
     finally:

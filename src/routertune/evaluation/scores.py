@@ -65,6 +65,35 @@ def per_doc_scores(samples: Mapping[str, list[dict[str, Any]]]) -> dict[str, lis
     return scores
 
 
+def per_doc_choices(samples: Mapping[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every logged document's answer choices, ordered as :func:`per_doc_scores`: its subtask,
+    ``doc_id``, each choice's log-likelihood (lm-eval's ``resps``), the length of each
+    continuation in characters (what ``acc_norm`` divides by) and a short hash of each choice's
+    context (:func:`context_key`; most tasks share one context between choices, WinoGrande
+    does not), by which a request is traced back to its document."""
+    docs = []
+    for task in sorted(samples):
+        for sample in sorted(samples[task], key=lambda s: s["doc_id"]):
+            arguments = [tuple(a) for a in sample["arguments"]]
+            docs.append(
+                {
+                    "task": task,
+                    "doc_id": sample["doc_id"],
+                    "logliks": [float(r[0][0]) for r in sample["resps"]],
+                    "lengths": [len(a[1]) for a in arguments],
+                    "contexts": [context_key(a[0]) for a in arguments],
+                }
+            )
+    return docs
+
+
+def context_key(context: str) -> str:
+    """A short stable key of a request's context string (16 hex digits of its SHA-1)."""
+    import hashlib
+
+    return hashlib.sha1(context.encode()).hexdigest()[:16]
+
+
 def paired_difference(
     first: dict[str, Any], second: dict[str, Any], tasks: Sequence[str] | None = None
 ) -> dict[str, Any]:
