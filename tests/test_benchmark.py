@@ -542,3 +542,36 @@ def test_lora_table_script_on_a_tiny_model(tmp_path):
     ]
     assert lines["lora-routers"][6] == f"{both['speed']['16']['prefill']:.3f}x"
     assert lines["lora"][6] == "1.000x (dense)" and lines["lora"][-2:] == ["71.0", "1.00x"]
+
+
+def test_task_headroom_script_on_a_tiny_model(tmp_path):
+    """benchmarks/task_headroom.py end to end: single-unit passes, the per-document oracle (a forced
+    route per document, WinoGrande's per-choice contexts included) and the best static set; with
+    one unit skipped, every document of the oracle pass scores exactly as in the pass that skips
+    its chosen unit for every document."""
+    folder, _ = _tiny_chat_llama(tmp_path / "tiny", layers=6)
+    script = _script("task_headroom")
+    out = tmp_path / "task_headroom"
+    common = ["--model", str(folder), "--router_layers", "3", "--candidates", "2,3,4", "--tasks", "arc_easy,winogrande",
+              "--limit", "6", "--k", "1,2", "--points_dir", str(tmp_path / "points"),
+              "--curve_dir", str(tmp_path / "no-curve"), "--output", str(out)]  # fmt: skip
+    for step in ("singles", "sets", "report"):
+        script.main([*common, step])
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["documents"] == 12 and [r["k"] for r in data["rows"]] == [1, 2]
+    for row in data["rows"]:
+        assert row["additive_cost"]["oracle"] <= row["additive_cost"]["static"] + 1e-12
+        assert len(row["static_set"]) == row["k"] and set(row["static_set"]) <= {2, 3, 4}
+    points = tmp_path / "points"
+    docs, costs = script.skip_costs(script.Run(script.argparse.Namespace(
+        points_dir=str(points), curve_dir="", candidates="2,3,4", tasks=None)))  # fmt: skip
+    oracle_sets, _ = script.choose_sets(costs, 1)
+    assert len(set(oracle_sets)) > 1, "the test needs documents that choose different units"
+    oracle = script._docs(json.loads((points / "oracle-1.json").read_text()))
+    singles = {u: script._docs(json.loads((points / f"skip-{u}.json").read_text())) for u in (2, 3, 4)}
+    for n, ((_, doc), (unit,)) in enumerate(zip(oracle, oracle_sets, strict=True)):
+        assert doc["logliks"] == pytest.approx(singles[unit][n][1]["logliks"], abs=2e-4)
+    row = data["rows"][0]
+    line = next(x for x in out.with_suffix(".md").read_text().splitlines() if x.startswith("| 1 ("))
+    assert f"{100 * row['average']['oracle']:.2f}" in line
+    assert f"{100 * row['oracle_vs_drop']['difference']:+.2f} +- {100 * row['oracle_vs_drop']['stderr']:.2f}" in line
