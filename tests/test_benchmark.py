@@ -552,8 +552,8 @@ def test_task_headroom_script_on_a_tiny_model(tmp_path):
     folder, _ = _tiny_chat_llama(tmp_path / "tiny", layers=6)
     script = _script("task_headroom")
     out = tmp_path / "task_headroom"
-    common = ["--model", str(folder), "--router_layers", "3", "--candidates", "2,3,4", "--tasks", "arc_easy,winogrande",
-              "--limit", "6", "--k", "1,2", "--points_dir", str(tmp_path / "points"),
+    common = ["--model", str(folder), "--router_layers", "3", "--candidates", "2,3,4",
+              "--tasks", "arc_easy,winogrande", "--limit", "6", "--k", "1,2", "--points_dir", str(tmp_path / "points"),
               "--curve_dir", str(tmp_path / "no-curve"), "--output", str(out)]  # fmt: skip
     for step in ("singles", "sets", "report"):
         script.main([*common, step])
@@ -574,4 +574,5 @@ def test_task_headroom_script_on_a_tiny_model(tmp_path):
     row = data["rows"][0]
     line = next(x for x in out.with_suffix(".md").read_text().splitlines() if x.startswith("| 1 ("))
     assert f"{100 * row['average']['oracle']:.2f}" in line
-    assert f"{100 * row['oracle_vs_drop']['difference']:+.2f} +- {100 * row['oracle_vs_drop']['stderr']:.2f}" in line
+    vs_drop = row["oracle_vs_drop"]
+    assert f"{100 * vs_drop['difference']:+.2f} +- {100 * vs_drop['stderr']:.2f}" in line
