@@ -553,8 +553,8 @@ def test_task_headroom_script_on_a_tiny_model(tmp_path):
     script = _script("task_headroom")
     out = tmp_path / "task_headroom"
     common = ["--model", str(folder), "--router_layers", "3", "--candidates", "2,3,4",
-              "--tasks", "arc_easy,winogrande", "--limit", "6", "--k", "1,2", "--points_dir", str(tmp_path / "points"),
-              "--curve_dir", str(tmp_path / "no-curve"), "--output", str(out)]  # fmt: skip
+              "--tasks", "arc_easy,winogrande", "--limit", "6", "--k", "1,2",
+              "--points_dir", str(tmp_path / "points"), "--curve_dir", str(tmp_path / "no-curve"), "--output", str(out)]  # fmt: skip
     for step in ("singles", "sets", "report"):
         script.main([*common, step])
     data = json.loads(out.with_suffix(".json").read_text())
