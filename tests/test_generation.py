@@ -164,3 +164,32 @@ def test_two_generate_calls_do_not_leak_routes():
 
 def test_kv_cache_bytes_of_none_is_zero():
     assert kv_cache_bytes(None) == 0
+
+
+@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+@pytest.mark.parametrize("granularity", ["attn_sequence", "block_sequence"])
+def test_a_reset_cache_routes_the_next_request_anew(arch, cache_kind, granularity):
+    """transformers' recipe reuses one cache across requests with ``cache.reset()``: the next
+    request is routed on its own prompt (not with the routes stored for the previous one), and
+    layers made compact for the previous request's rows are plain again."""
+    from transformers import DynamicCache, StaticCache
+
+    from routertune.routing.routes import CompactRows
+
+    ids, mask, _ = left_padded_batch([10, 7, 10, 6], seed=4)
+    model = mixed_rows_model(arch, granularity, ids, mask)
+    other_ids, other_mask = ids.flip(0), mask.flip(0)  # same prompts in another order: other routes per row
+
+    def new_cache():
+        return StaticCache(config=model.config, max_cache_len=24) if cache_kind == "static" else DynamicCache()
+
+    cache = new_cache()
+    greedy(model, ids, mask, n=4, past_key_values=cache)
+    assert any(0 < int(r.keep.sum()) < 4 for r in getattr(cache, ROUTES_ATTR).values())
+    cache.reset()
+    assert not getattr(cache, ROUTES_ATTR)
+    assert not any(isinstance(layer, CompactRows) for layer in cache.layers)
+    reused = greedy(model, other_ids, other_mask, n=4, past_key_values=cache)
+    fresh = greedy(model, other_ids, other_mask, n=4, past_key_values=new_cache())
+    assert torch.equal(reused.sequences, fresh.sequences)
+    torch.testing.assert_close(torch.stack(reused.logits), torch.stack(fresh.logits), rtol=1e-5, atol=1e-5)

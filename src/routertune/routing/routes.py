@@ -82,6 +82,32 @@ def _mirror_batch_ops(cache: Any, store: RouteStore) -> None:
     wrap("batch_select_indices", lambda keep, indices, *a, **k: keep[indices.to(keep.device)])
     wrap("batch_repeat_interleave", lambda keep, repeats, *a, **k: keep.repeat_interleave(repeats, dim=0))
 
+    # ``reset()`` readies a cache for a new request (transformers' recipe for reusing a static
+    # cache under torch.compile): that request is routed anew, on its own prompt.
+    original_reset = getattr(cache, "reset", None)
+    if original_reset is not None:
+
+        def reset(*args, **kwargs):
+            out = original_reset(*args, **kwargs)
+            store.clear()
+            _restore_plain_layers(cache)
+            return out
+
+        cache.reset = reset
+
+
+def _restore_plain_layers(cache: Any) -> None:
+    """Puts each compact layer of ``cache`` back as an empty layer of its transformers class."""
+    layers = getattr(cache, "layers", None)
+    for i, layer in enumerate(layers if isinstance(layers, list) else []):
+        if isinstance(layer, CompactRows):
+            plain_class = next(b for b in type(layer).__mro__ if not issubclass(b, CompactRows))
+            plain = plain_class.__new__(plain_class)
+            plain.__dict__.update({k: v for k, v in vars(layer).items() if k != "row_keep"})
+            plain.keys = plain.values = None
+            plain.is_initialized = False
+            layers[i] = plain
+
 
 class CompactRows:
     """A dynamic cache layer that holds the keys/values of the KEPT rows of a mixed sequence
