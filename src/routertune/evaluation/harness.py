@@ -47,8 +47,9 @@ class MaskedHFLM(HFLM):
 
     ``request_routes`` (analysis: per-document oracles) forces a route per request instead of
     the routers' decision: called with the request's context string, it returns the routed
-    layers that request skips; every other routed layer keeps it. All choices of a document
-    share its context, so they are scored by one sub-network, as with ``route_on="prompt"``.
+    layers that request skips; every other routed layer keeps it. The choices of a document
+    mostly share its context and so its route; where each choice has its own context
+    (WinoGrande), the caller maps each of them to the document's route.
     """
 
     def __init__(

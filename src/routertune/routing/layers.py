@@ -359,7 +359,7 @@ class RoutedAttention(SubLayerWrapper):
         attn, spec = self.base_layer, self.routing.arch
         mask = kwargs.get("attention_mask")
         pos = kwargs.get("position_embeddings")
-        if pos is not None and supports_kept_queries(attn, spec) and _rows_selectable(mask):
+        if pos is not None and supports_kept_queries(attn, spec) and masks.rows_selectable(mask):
             if d.max_kept == 0:
                 # Keys/values are still written so the cache stays complete for later tokens.
                 keys_and_values(attn, spec, hidden, pos, cache)
@@ -445,10 +445,6 @@ def _zero_skipped(out: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(keep.unsqueeze(-1), out, 0.0)
 
 
-def _rows_selectable(attention_mask: Any) -> bool:
-    return masks.rows_selectable(attention_mask)
-
-
 def _select_rows(value: Any, rows: torch.Tensor, batch_size: int) -> Any:
     """Rows of a per-batch tensor or flex BlockMask (or tuple of them); broadcast (batch 1)
     values pass through."""
@@ -466,7 +462,7 @@ def _select_rows(value: Any, rows: torch.Tensor, batch_size: int) -> Any:
 def _rows_of_call(args: tuple, kwargs: dict, route: SequenceRoute):
     """The attention call's arguments restricted to the route's kept rows; None if the mask
     cannot be sliced."""
-    if not _rows_selectable(kwargs.get("attention_mask")):
+    if not masks.rows_selectable(kwargs.get("attention_mask")):
         return None
     rows, batch_size = route.kept_rows, route.keep.shape[0]
     sub_args = tuple(_select_rows(a, rows, batch_size) for a in args)
