@@ -111,6 +111,14 @@ def cmd_speed(args: argparse.Namespace) -> None:
     atomic_write_text(out, json.dumps(record, indent=1) + "\n")
 
 
+def _find(args: argparse.Namespace, label: str) -> dict[str, Any] | None:
+    """A point of this table, of the capacity curve, or of the six-granularity table (whose
+    attention drops and default router row this table shares)."""
+    return table._find(args, label) or table._find(
+        argparse.Namespace(points_dir=args.table_dir, curve_dir=args.curve_dir), label
+    )
+
+
 def cmd_report(args: argparse.Namespace) -> None:
 
     dense = table._find(args, "dense")
@@ -135,12 +143,15 @@ def cmd_report(args: argparse.Namespace) -> None:
             if row != "lora" and records["lora"] is not None:
                 entry["vs_lora"] = table._difference(records["lora"], record)
             n_drop = table._n_drop(record)
-            drop = dense if n_drop == 0 else table._find(args, table._drop_label("attn_sequence", n_drop))
+            drop = dense if n_drop == 0 else _find(args, table._drop_label("attn_sequence", n_drop))
             entry["drop"] = table._drop_label("attn_sequence", n_drop) if n_drop else "dense"
             if drop is not None:
                 entry["vs_drop"] = table._difference(drop, record)
-        speed_path = Path(args.points_dir) / "speed-lora-routers.json"
-        if row == "lora-routers" and speed_path.exists():
+        speed_path = {
+            "lora-routers": Path(args.points_dir) / "speed-lora-routers.json",
+            "routers": Path(args.table_dir) / "speed-attn_sequence.json",  # the table's default row
+        }.get(row)
+        if speed_path is not None and speed_path.exists():
             speed = json.loads(speed_path.read_text())
             entry["speed"] = {str(c["context"]): {p: c["speedup"][p]["measured"] for p in ("prefill", "decode")}
                               for c in speed["cells"]}  # fmt: skip
@@ -208,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     table.add_speed_arguments(sub.add_parser("speed"))
     rp = sub.add_parser("report")
     rp.add_argument("--output", default=str(RESULTS / "lora_table"))
+    rp.add_argument("--table_dir", default=str(RESULTS / "granularity_table"),
+                    help="points and speed cells of benchmarks/granularity_table.py, reused")  # fmt: skip
     args = parser.parse_args(argv)
     {"train": cmd_train, "eval": cmd_eval, "speed": cmd_speed, "report": cmd_report}[args.command](args)
 

@@ -527,7 +527,7 @@ def test_lora_table_script_on_a_tiny_model(tmp_path):
     lora_table.main([*common, "eval", "--tasks", "arc_easy,rte", "--limit", "6"])
     lora_table.main([*common, "speed", "--contexts", "16", "--new_tokens", "2", "--repeats", "1", "--threads", "1"])
     out = tmp_path / "lora"
-    lora_table.main([*common, "report", "--output", str(out)])
+    lora_table.main([*common, "report", "--output", str(out), "--table_dir", str(tmp_path / "no-table")])
 
     rows = {r["row"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
     assert rows["lora"]["capacity"] == 1.0 and "vs_lora" in rows["lora-routers"]
