@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 import routertune.routing.layers as L
+import routertune.routing.masks as masks
 import routertune.routing.routes as R
 import routertune.routing.token_attention as TA
 from routertune import RouterConfig, attach_routers
@@ -110,7 +111,7 @@ def _token_attention_rows_at_decode(self, d, hidden, cache, args, kwargs):
     (one host read of which): queries, attention and o_proj for kept tokens only, the kept rows'
     keys/values copied out of the cache for the kernel."""
     B, T, _ = hidden.shape
-    if T == 1 and B > 1 and not d.all_kept and L._rows_selectable(kwargs.get("attention_mask")):
+    if T == 1 and B > 1 and not d.all_kept and masks.rows_selectable(kwargs.get("attention_mask")):
         rows = d.keep[:, 0].nonzero().squeeze(1)
         if rows.numel() == 0:
             TA.keys_and_values(
