@@ -546,7 +546,8 @@ def test_lora_table_script_on_a_tiny_model(tmp_path):
 
 def test_task_headroom_script_on_a_tiny_model(tmp_path):
     """benchmarks/task_headroom.py end to end: single-unit passes, the per-document oracle (a forced
-    route per document, WinoGrande's per-choice contexts included) and the best static set; with
+    route per document, WinoGrande's per-choice contexts included: a pair of documents that shares
+    its contexts shares one route) and the best static set; with
     one unit skipped, every document of the oracle pass scores exactly as in the pass that skips
     its chosen unit for every document."""
     folder, _ = _tiny_chat_llama(tmp_path / "tiny", layers=6)
@@ -565,8 +566,14 @@ def test_task_headroom_script_on_a_tiny_model(tmp_path):
     points = tmp_path / "points"
     docs, costs = script.skip_costs(script.Run(script.argparse.Namespace(
         points_dir=str(points), curve_dir="", candidates="2,3,4", tasks=None)))  # fmt: skip
-    oracle_sets, _ = script.choose_sets(costs, 1)
+    groups = script.context_groups(docs)
+    assert len(set(groups)) < len(docs), "WinoGrande's pairs share their contexts: one group each"
+    oracle_sets, _ = script.choose_sets(costs, 1, groups)
     assert len(set(oracle_sets)) > 1, "the test needs documents that choose different units"
+    for n, g in enumerate(groups):  # a group's documents take one route: their summed costs' cheapest
+        members = [m for m, h in enumerate(groups) if h == g]
+        summed = {u: sum(costs[u][m] for m in members) for u in costs}
+        assert summed[oracle_sets[n][0]] == min(summed.values())
     oracle = script._docs(json.loads((points / "oracle-1.json").read_text()))
     singles = {u: script._docs(json.loads((points / f"skip-{u}.json").read_text())) for u in (2, 3, 4)}
     for n, ((_, doc), (unit,)) in enumerate(zip(oracle, oracle_sets, strict=True)):
