@@ -563,6 +563,9 @@ def test_task_headroom_script_on_a_tiny_model(tmp_path):
     for row in data["rows"]:
         assert row["additive_cost"]["oracle"] <= row["additive_cost"]["static"] + 1e-12
         assert len(row["static_set"]) == row["k"] and set(row["static_set"]) <= {2, 3, 4}
+        for name in ("static", "oracle"):  # recorded with their answer-choice log-likelihoods
+            measured = row["measured_cost"][name]
+            assert measured["kl"] >= 0 and 0 <= measured["answers_changed"] <= 1
     points = tmp_path / "points"
     docs, costs = script.skip_costs(script.Run(script.argparse.Namespace(
         points_dir=str(points), curve_dir="", candidates="2,3,4", tasks=None)))  # fmt: skip
