@@ -286,6 +286,8 @@ def measured_cost(run: Run, point: dict[str, Any]) -> dict[str, float] | None:
     dense = run.load("dense")
     metric = {task: primary_metric(task, entry) for task, entry in dense["eval"]["tasks"].items()}
     kl, changed, pairs = 0.0, 0, list(zip(_docs(dense), _docs(point), strict=True))
+    if any((t, d["doc_id"]) != (u, e["doc_id"]) for (t, d), (u, e) in pairs):
+        raise SystemExit(f"{point['point']} was evaluated on other documents than dense")
     for (task, d), (_, s) in pairs:
         p, q = _log_choice_distribution(d, metric[task]), _log_choice_distribution(s, metric[task])
         kl += float((p.exp() * (p - q)).sum())
