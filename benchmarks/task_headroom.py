@@ -176,24 +176,29 @@ def _log_choice_distribution(doc: dict[str, Any], metric: str) -> torch.Tensor:
     return torch.log_softmax(scores, dim=0)
 
 
-def skip_costs(run: Run) -> tuple[list[tuple[str, dict[str, Any]]], dict[int, list[float]]]:
-    """The documents (of the dense point) and, per candidate, each document's skip cost."""
+def choice_shifts(dense: dict[str, Any], point: dict[str, Any]) -> list[tuple[float, bool]]:
+    """Per document of the dense point: the KL of ``point``'s answer-choice distribution to
+    dense's, and whether its chosen answer differs from dense's."""
     from routertune.tasks import primary_metric
 
-    dense = run.load("dense")
-    docs = _docs(dense)
+    docs, other = _docs(dense), _docs(point)
+    if [(t, d["doc_id"]) for t, d in other] != [(t, d["doc_id"]) for t, d in docs]:
+        raise SystemExit(f"{point['point']} was evaluated on other documents than dense")
     metric = {task: primary_metric(task, entry) for task, entry in dense["eval"]["tasks"].items()}
-    base = [_log_choice_distribution(d, metric[t]) for t, d in docs]
-    costs: dict[int, list[float]] = {}
-    for unit in run.candidates:
-        skipped = _docs(run.load(f"skip-{unit}"))
-        if [(t, d["doc_id"]) for t, d in skipped] != [(t, d["doc_id"]) for t, d in docs]:
-            raise SystemExit(f"skip-{unit} was evaluated on other documents than dense")
-        costs[unit] = [
-            float((p.exp() * (p - _log_choice_distribution(d, metric[t]))).sum())
-            for p, (t, d) in zip(base, skipped, strict=True)
-        ]
-    return docs, costs
+    shifts = []
+    for (task, d), (_, e) in zip(docs, other, strict=True):
+        p, q = _log_choice_distribution(d, metric[task]), _log_choice_distribution(e, metric[task])
+        shifts.append((float((p.exp() * (p - q)).sum()), int(p.argmax()) != int(q.argmax())))
+    return shifts
+
+
+def skip_costs(run: Run) -> tuple[list[tuple[str, dict[str, Any]]], dict[int, list[float]]]:
+    """The documents (of the dense point) and, per candidate, each document's skip cost."""
+    dense = run.load("dense")
+    costs = {
+        unit: [kl for kl, _ in choice_shifts(dense, run.load(f"skip-{unit}"))] for unit in run.candidates
+    }
+    return _docs(dense), costs
 
 
 def context_groups(docs: list[tuple[str, dict[str, Any]]]) -> list[int]:
@@ -216,14 +221,12 @@ def context_groups(docs: list[tuple[str, dict[str, Any]]]) -> list[int]:
 
 
 def choose_sets(
-    costs: dict[int, list[float]], k: int, groups: list[int] | None = None
+    costs: dict[int, list[float]], k: int, groups: list[int]
 ) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
     """Per document, the oracle's k cheapest candidates (summed over the document's context group);
     and the best static k (least mean cost)."""
     mean = {u: sum(c) / len(c) for u, c in costs.items()}
     static = tuple(sorted(sorted(costs, key=lambda u: mean[u])[:k]))
-    documents = len(next(iter(costs.values())))
-    groups = list(range(documents)) if groups is None else groups
     group_cost = {u: {} for u in costs}
     for u, c in costs.items():
         for n, g in enumerate(groups):
@@ -275,24 +278,17 @@ def _paired(first: dict[str, Any], second: dict[str, Any]) -> dict[str, float]:
     return {"difference": d["difference"], "stderr": d["stderr"]}
 
 
-def measured_cost(run: Run, point: dict[str, Any]) -> dict[str, float] | None:
+def measured_cost(dense: dict[str, Any], point: dict[str, Any]) -> dict[str, float] | None:
     """What a recorded set really did to the documents (None for a point recorded without the
     answer-choice log-likelihoods): the mean KL of its answer-choice distribution to dense (the
     interactions of the units included) and the share of documents whose answer changed."""
-    from routertune.tasks import primary_metric
-
     if "per_doc_choices" not in next(iter(point["eval"]["tasks"].values())):
         return None
-    dense = run.load("dense")
-    metric = {task: primary_metric(task, entry) for task, entry in dense["eval"]["tasks"].items()}
-    kl, changed, pairs = 0.0, 0, list(zip(_docs(dense), _docs(point), strict=True))
-    if any((t, d["doc_id"]) != (u, e["doc_id"]) for (t, d), (u, e) in pairs):
-        raise SystemExit(f"{point['point']} was evaluated on other documents than dense")
-    for (task, d), (_, s) in pairs:
-        p, q = _log_choice_distribution(d, metric[task]), _log_choice_distribution(s, metric[task])
-        kl += float((p.exp() * (p - q)).sum())
-        changed += int(p.argmax()) != int(q.argmax())
-    return {"kl": kl / len(pairs), "answers_changed": changed / len(pairs)}
+    shifts = choice_shifts(dense, point)
+    return {
+        "kl": sum(kl for kl, _ in shifts) / len(shifts),
+        "answers_changed": sum(changed for _, changed in shifts) / len(shifts),
+    }
 
 
 def _mean_cost(costs: dict[int, list[float]], sets: list[tuple[int, ...]]) -> float:
@@ -331,7 +327,7 @@ def cmd_report(run: Run) -> None:
                     "static": _mean_cost(costs, [static_set] * len(docs)),
                     "oracle": _mean_cost(costs, oracle_sets),
                 },
-                "measured_cost": {name: measured_cost(run, p) for name, p in points.items()},
+                "measured_cost": {name: measured_cost(dense, p) for name, p in points.items()},
             }
         )
     data = {
